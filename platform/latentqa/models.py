@@ -1,0 +1,146 @@
+"""Load one base model and the adapters that make it target, decoder and control.
+
+SPEC "Words": target = base with adapters off (or with a control adapter), decoder = base +
+decoder adapter. Both share the base weights, so only one copy is ever in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .config import LoraSettings, ModelConfig, SteerConfig
+
+log = logging.getLogger(__name__)
+DECODER = "decoder"
+CONTROL = "control"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+
+
+def load_base(cfg: ModelConfig) -> PreTrainedModel:
+    """The base weights, or a model initialised from the config (tiny test models, benchmarks)."""
+    kwargs = {"dtype": _DTYPES[cfg.dtype]}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.weights == "random":
+        torch.manual_seed(cfg.init_seed)  # every process builds the same base
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+    model.requires_grad_(False)
+    return model.to(resolve_device(cfg.device)).eval()
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's own list of decoder blocks (Llama, Mistral, Qwen2/3, Gemma: `model.layers`).
+
+    Found by structure, not by name: the ModuleList whose children are decoder layers.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__.endswith("DecoderLayer"):
+            return module
+    raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of *DecoderLayer")
+
+
+def _lora_config(settings: LoraSettings) -> LoraConfig:
+    return LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+class AdapterSet:
+    """The PEFT model over the one base, and which of its adapters is active and trainable.
+
+    PEFT's adapter switches also flip requires_grad; we switch freely and re-impose the
+    trainable set, so a frozen decoder stays frozen while a control adapter learns.
+    """
+
+    def __init__(self, peft_model: PeftModel, trainable: set[str]):
+        self.model = peft_model
+        self.trainable = trainable
+        self._enforce()
+
+    @classmethod
+    def create(cls, base: PreTrainedModel, cfg: ModelConfig, lora: LoraSettings, train_decoder: bool) -> "AdapterSet":
+        if cfg.decoder_adapter:
+            model = PeftModel.from_pretrained(base, cfg.decoder_adapter, adapter_name=DECODER, is_trainable=train_decoder)
+        else:
+            model = get_peft_model(base, _lora_config(lora), adapter_name=DECODER)
+        return cls(model, {DECODER} if train_decoder else set())
+
+    def add_control(self, steer: SteerConfig, path: str | Path | None = None) -> None:
+        """A control adapter on target blocks 0..steer.layers-1 (new and trainable, or loaded and frozen)."""
+        if CONTROL in self.model.peft_config:
+            self.model.delete_adapter(CONTROL)
+        if path is None:
+            config = LoraConfig(
+                r=steer.r,
+                lora_alpha=steer.alpha,
+                lora_dropout=steer.dropout,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                layers_to_transform=list(range(steer.layers)),
+                task_type="CAUSAL_LM",
+            )
+            self.model.add_adapter(CONTROL, config)
+            self.trainable = {CONTROL}
+        else:
+            self.model.load_adapter(str(path), adapter_name=CONTROL, is_trainable=False)
+        self._enforce()
+
+    def _enforce(self) -> None:
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(any(f".{adapter}." in name for adapter in self.trainable))
+
+    @contextlib.contextmanager
+    def use(self, adapter: str | None) -> Iterator[None]:
+        """Run with one adapter active, or with none (the plain target)."""
+        if adapter is None:
+            with self.model.disable_adapter():
+                self._enforce()
+                yield
+            self._enforce()
+            return
+        previous = self.model.active_adapter
+        self.model.set_adapter(adapter)
+        self._enforce()
+        try:
+            yield
+        finally:
+            self.model.set_adapter(previous)
+            self._enforce()
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save(self, adapter: str, out_dir: str | Path) -> Path:
+        """Save one adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
+        out_dir = Path(out_dir)
+        self.model.save_pretrained(str(out_dir), selected_adapters=[adapter], safe_serialization=True)
+        nested = out_dir / adapter  # PEFT nests non-default adapter names in a subfolder
+        if nested.is_dir():
+            for item in nested.iterdir():
+                item.replace(out_dir / item.name)
+            nested.rmdir()
+        return out_dir

@@ -1,0 +1,58 @@
+"""A loaded LatentQA setup: tokenizer, chat format, layout and the one-copy model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .chat_format import ChatFormat
+from .config import LatentQAConfig
+from .data import Example
+from .layout import Batch, LaidOutExample, Layout, Mode, collate
+from .models import AdapterSet, load_base, load_tokenizer
+from .patching import LatentQAModel
+
+
+@dataclass
+class LatentQA:
+    config: LatentQAConfig
+    tokenizer: object
+    chat_format: ChatFormat
+    layout: Layout
+    model: LatentQAModel
+
+    @classmethod
+    def load(cls, config: LatentQAConfig, train_decoder: bool = False) -> "LatentQA":
+        tokenizer = load_tokenizer(config.model)
+        chat_format = ChatFormat(tokenizer)
+        base = load_base(config.model)
+        max_positions = getattr(base.config, "max_position_embeddings", None)
+        layout = Layout(chat_format, thought_tokens=config.patch.thought_tokens, max_length=max_positions)
+        adapters = AdapterSet.create(base, config.model, config.lora, train_decoder)
+        model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
+        if not 0 <= config.patch.write_layer < model.num_layers:
+            raise ValueError(f"patch.write_layer {config.patch.write_layer} is outside the model's {model.num_layers} blocks")
+        return cls(config, tokenizer, chat_format, layout, model)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def stop_ids(self) -> set[int]:
+        return self.chat_format.stop_ids
+
+    def lay_out(self, examples: Sequence[Example], mode: Mode) -> list[LaidOutExample]:
+        return [self.layout.example(example, mode, index) for index, example in enumerate(examples)]
+
+    def collate(self, laid_out: Sequence[LaidOutExample]) -> Batch:
+        return collate(list(laid_out), self.chat_format.pad_id).to(self.device)
+
+    def batches(self, laid_out: Sequence[LaidOutExample], batch_size: int) -> Iterator[Batch]:
+        for start in range(0, len(laid_out), batch_size):
+            yield self.collate(laid_out[start : start + batch_size])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -1,0 +1,136 @@
+"""Shared fixtures: tokenizers of several chat-template families, tiny models, the offline default."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from latentqa.config import LatentQAConfig, load_config
+from latentqa.paths import OFFLINE_MODEL, PROJECT_ROOT
+
+SHARED = PROJECT_ROOT.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+PAPER_EVAL = SHARED / "data" / "latentqa" / "eval"
+
+# Small stand-ins for other template families, over the project's tiny vocabulary.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+DEEPSEEK_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% set ns.system = m['content'] %}{% endif %}{% endfor %}"
+    "{{ ns.system }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '<｜User｜>' + m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}{{ '<｜Assistant｜>' + m['content'] + '<｜end▁of▁sentence｜>' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+def shared_path(path: Path) -> Path:
+    """A file from ../shared; skip where it is absent, except in CI, which always has it."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing; CI always has ../shared")
+        pytest.skip(f"{path} is absent (it lives in ../shared beside the project)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_dir() -> Path:
+    return shared_path(FIXTURES / "tokenizers" / "llama-3-instruct")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer(llama3_tokenizer_dir):
+    return AutoTokenizer.from_pretrained(llama3_tokenizer_dir)
+
+
+def _family_tokenizer(template: str, specials: list[str], bos: bool):
+    tokenizer = AutoTokenizer.from_pretrained(OFFLINE_MODEL)
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    tokenizer.chat_template = template
+    eos = {"<|im_end|>": "<|im_end|>", "<end_of_turn>": "<end_of_turn>"}
+    tokenizer.eos_token = next((eos[s] for s in specials if s in eos), specials[-1])
+    if not bos:
+        tokenizer.bos_token = None
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def family_tokenizers():
+    """name -> tokenizer: the project's Llama-3-style one and three other template families."""
+    return {
+        "llama3": AutoTokenizer.from_pretrained(OFFLINE_MODEL),
+        "chatml": _family_tokenizer(CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], bos=False),
+        "gemma": _family_tokenizer(GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], bos=True),
+        "deepseek": _family_tokenizer(DEEPSEEK_TEMPLATE, ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"], bos=True),
+    }
+
+
+def offline_config(**overrides) -> LatentQAConfig:
+    return load_config(overrides=overrides or None)
+
+
+@pytest.fixture(scope="session")
+def offline_session():
+    """The offline default with a fresh (untrained) decoder, loaded once."""
+    from latentqa.session import LatentQA
+
+    torch.manual_seed(0)
+    return LatentQA.load(offline_config(), train_decoder=True)
+
+
+def tiny_config(arch: str):
+    """A few-layer random model of each supported architecture, over the tiny vocabulary."""
+    from transformers import AutoConfig
+
+    common = dict(
+        vocab_size=AutoTokenizer.from_pretrained(OFFLINE_MODEL).__len__(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    extra = {"qwen3": {"head_dim": 16}, "gemma2": {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 64}}
+    return AutoConfig.for_model(arch, **common, **extra.get(arch, {}))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory):
+    """arch -> folder holding only a config.json (weights are initialised from a seed)."""
+    dirs = {}
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma2"):
+        folder = tmp_path_factory.mktemp(arch)
+        tiny_config(arch).save_pretrained(folder)
+        dirs[arch] = folder
+    return dirs
+
+
+def session_for(model_dir: Path, **overrides):
+    """A LatentQA session over a tiny model with the project's tokenizer."""
+    from latentqa.session import LatentQA
+
+    config = load_config(
+        overrides={"model": {"path": str(model_dir), "tokenizer": str(OFFLINE_MODEL), "weights": "random"}, **overrides}
+    )
+    return LatentQA.load(config, train_decoder=True)
