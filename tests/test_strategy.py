@@ -6,6 +6,7 @@ files in a temp dir and are cached for the cross-kind comparison.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import socket
@@ -17,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from latentqa.strategy import Strategy, StrategyConfig, find_decoder_blocks
+from latentqa.models import decoder_blocks
+from latentqa.strategy import Strategy, StrategyConfig
 
 VOCAB, BATCH, SEQ = 256, 2, 16
 WORLD, GRAD_ACCUM, STEPS = 2, 2, 3
@@ -77,12 +79,13 @@ class _Objective(nn.Module):
     """Shaped like the engine's LatentQAModel: the PEFT model inside a module whose forward is the
     train objective. It reads block 0 of the plain target (PEFT's own disable_adapter(), no grad,
     the forward stopped by an exception caught *inside* this forward), then runs the adapter pass
-    with that reading added to block 0's output. Without labels, forward is a plain adapter pass."""
+    with that reading added to block 0's output. Without labels, forward is a plain adapter pass.
+    It registers the blocks a second time, so state_dict() repeats them: the strategy must cope."""
 
     def __init__(self, peft_model: nn.Module):
         super().__init__()
         self.peft_model = peft_model
-        self.blocks = find_decoder_blocks(peft_model)
+        self.blocks = decoder_blocks(peft_model)
 
     def read(self, input_ids: torch.Tensor) -> torch.Tensor:
         captured: list[torch.Tensor] = []
@@ -129,7 +132,7 @@ def _early_exit_pass(strategy: Strategy, probe: torch.Tensor, disable=None) -> t
         captured.append(_hidden(output).detach().to("cpu", copy=True))
         raise _EarlyExit
 
-    handle = find_decoder_blocks(strategy.unwrapped)[0].register_forward_hook(hook)
+    handle = decoder_blocks(strategy.unwrapped)[0].register_forward_hook(hook)
     try:
         with torch.no_grad(), (disable or strategy.disable_adapters)():
             strategy.model(probe.to(strategy.device))
@@ -176,9 +179,10 @@ def _eval_logits(strategy: Strategy, ids: torch.Tensor) -> torch.Tensor:
 
 
 def _raw_peft_disable_breaks(strategy: Strategy, micro: torch.Tensor, probe: torch.Tensor) -> bool:
-    """The early-exit pass under PEFT's own disable_adapter() right after an optimizer step, then
-    a training micro-step: True if the strategy refuses the backward because adapter weights were
-    left frozen."""
+    """An optimizer step, the early-exit pass under PEFT's own disable_adapter(), then a training
+    micro-step: True if the strategy refuses the backward because adapter weights were left
+    frozen. Leaves the strategy unusable."""
+    _train_step(strategy, micro, probe, [])
     _early_exit_pass(strategy, probe, strategy.unwrapped.peft_model.disable_adapter)
     ids = micro[0].to(strategy.device)
     loss = strategy.model(ids, ids)
@@ -191,8 +195,9 @@ def _raw_peft_disable_breaks(strategy: Strategy, micro: torch.Tensor, probe: tor
 
 
 def _run(cfg: StrategyConfig, out: Path) -> dict:
-    """Train STEPS steps (saving the training state before the last), save the adapter, then
-    resume a fresh model from the saved state and redo the last step."""
+    """Train STEPS steps (saving the training state before the last), save the adapter, try
+    PEFT's own disable_adapter(), then resume a fresh model from the saved state and redo the
+    last step."""
     micro, probe, evaluation = _data()
     probes: list[torch.Tensor] = []
     strategy = _prepared(cfg)
@@ -207,6 +212,7 @@ def _run(cfg: StrategyConfig, out: Path) -> dict:
     logits = _eval_logits(strategy, evaluation)
     strategy.save_adapter(out / "adapter", ADAPTER)
     adapter_state = strategy.adapter_state_dict()
+    raw_peft_disable_breaks = _raw_peft_disable_breaks(strategy, micro, probe)
 
     resumed = _prepared(cfg)
     extra = resumed.load_training_state(out / "state")
@@ -222,7 +228,7 @@ def _run(cfg: StrategyConfig, out: Path) -> dict:
         "resumed_logits": resumed_logits,
         "probes": probes,
         "adapter_keys": sorted(adapter_state),
-        "raw_peft_disable_breaks": _raw_peft_disable_breaks(resumed, micro, probe),
+        "raw_peft_disable_breaks": raw_peft_disable_breaks,
     }
 
 
@@ -242,6 +248,9 @@ def _worker(rank: int, kind: str, port: int, out: Path) -> None:
         if rank == 0:
             torch.save(result, out / "result.pt")
     finally:
+        # Free DeepSpeed's engines (reference cycles) while the process group exists: left to
+        # interpreter exit, they sometimes abort it ("terminate called without an active exception").
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -51,10 +51,13 @@ def load_base(cfg: ModelConfig) -> PreTrainedModel:
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's own list of decoder blocks (Llama, Mistral, Qwen2/3, Gemma: `model.layers`).
 
-    Found by structure, not by name: the ModuleList whose children are decoder layers.
+    Found by structure, not by name: the ModuleList whose children are all decoder layers
+    (through PEFT wrappers, and after FSDP2 renames their classes `FSDP<Name>`).
     """
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and type(module[0]).__name__.endswith("DecoderLayer"):
+        if isinstance(module, nn.ModuleList) and len(module) and all(
+            type(child).__name__.endswith("DecoderLayer") for child in module
+        ):
             return module
     raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of *DecoderLayer")
 
@@ -80,6 +83,7 @@ class AdapterSet:
     def __init__(self, peft_model: PeftModel, trainable: set[str]):
         self.model = peft_model
         self.trainable = trainable
+        self._train_decoder = DECODER in trainable
         self._enforce()
 
     @classmethod
@@ -107,6 +111,12 @@ class AdapterSet:
             self.trainable = {CONTROL}
         else:
             self.model.load_adapter(str(path), adapter_name=CONTROL, is_trainable=False)
+        self._enforce()
+
+    def remove_control(self) -> None:
+        """Drop the control adapter; the decoder becomes trainable again if it was."""
+        self.model.delete_adapter(CONTROL)
+        self.trainable = {DECODER} if self._train_decoder else set()
         self._enforce()
 
     def _enforce(self) -> None:
@@ -137,7 +147,10 @@ class AdapterSet:
     def save(self, adapter: str, out_dir: str | Path) -> Path:
         """Save one adapter in PEFT format (adapter_config.json + adapter_model.safetensors)."""
         out_dir = Path(out_dir)
-        self.model.save_pretrained(str(out_dir), selected_adapters=[adapter], safe_serialization=True)
+        # save_embedding_layers=False: a LoRA on lm_head must not drag the frozen head into the adapter
+        self.model.save_pretrained(
+            str(out_dir), selected_adapters=[adapter], safe_serialization=True, save_embedding_layers=False
+        )
         nested = out_dir / adapter  # PEFT nests non-default adapter names in a subfolder
         if nested.is_dir():
             for item in nested.iterdir():

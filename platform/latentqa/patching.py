@@ -59,7 +59,8 @@ class LatentQAModel(nn.Module):
         super().__init__()
         self.adapters = adapters
         self.peft_model = adapters.model
-        self.blocks = decoder_blocks(self.peft_model)
+        # a plain list, so the blocks are not registered (and saved, sharded) a second time
+        self.blocks = list(decoder_blocks(self.peft_model))
         self.write_layer = write_layer
         self.mode = mode
         self.eval()  # LoRA dropout modules start in train mode; training switches on explicitly

@@ -49,6 +49,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from .models import decoder_blocks
+
 log = logging.getLogger(__name__)
 
 OptimizerFactory = Callable[[list[nn.Parameter]], Optimizer]
@@ -75,21 +77,6 @@ class StrategyConfig(pydantic.BaseModel):
     grad_accum_steps: int = pydantic.Field(1, ge=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
     """Clip the global gradient norm to this at every optimizer step; None disables clipping."""
-
-
-def find_decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks: the ModuleList whose children are ``*DecoderLayer``.
-
-    Works through PEFT wrappers and after FSDP2 (which renames the classes ``FSDP<Name>``).
-    """
-    for module in model.modules():
-        if (
-            isinstance(module, nn.ModuleList)
-            and len(module) > 0
-            and all(type(child).__name__.endswith("DecoderLayer") for child in module)
-        ):
-            return module
-    raise ValueError(f"no ModuleList of *DecoderLayer modules in {type(model).__name__}")
 
 
 def find_peft_model(model: nn.Module) -> tuple[str, PeftModel]:
@@ -162,7 +149,7 @@ class Strategy:
 
     @property
     def unwrapped(self) -> nn.Module:
-        """The original (PEFT) module: register hooks on it, toggle adapters, read its config.
+        """The module given to ``prepare``: register hooks on it, call its other methods.
 
         Under FSDP2 and ZeRO-3 its parameters are shards; only forwards through it see full weights.
         """
@@ -228,11 +215,13 @@ class Strategy:
     def disable_adapters(self) -> Iterator[None]:
         """``PeftModel.disable_adapter()`` that is safe under every backend: use this one.
 
-        PEFT switches adapters off by setting ``requires_grad=False`` on the registered adapter
-        parameters and back on when leaving. FSDP2 registers the sharded copy between forwards and
-        the unsharded copy inside one (and the root keeps it after), and copies ``requires_grad``
-        from the sharded copy at each unshard, so PEFT's toggle can leave the sharded adapter frozen:
-        it then silently stops training and drops out of saves. This re-enables it.
+        PEFT switches adapters off by setting ``requires_grad=False`` on the adapter parameters
+        the modules hold, and back on when leaving. Under FSDP2 a module holds the sharded copy
+        between forwards and the unsharded one during a forward (the root also after a forward
+        cut short by an exception, or until backward), and each unshard copies ``requires_grad``
+        from the sharded copy. If the context is entered with one copy and left with the other,
+        the sharded adapter stays frozen and, from its next unshard, silently stops training.
+        This re-enables it on the way out; ``backward`` raises if it finds it frozen.
         """
         try:
             with find_peft_model(self.unwrapped)[1].disable_adapter():
@@ -255,6 +244,11 @@ class Strategy:
                 "adapter active"
             )
 
+    def _check_backward(self) -> None:
+        if self._micro_step == self.cfg.grad_accum_steps:
+            raise RuntimeError("call optimizer_step() after every backward()")
+        self._check_trainable()
+
     # ---------------------------------------------------------------- step
 
     def _next_backward_syncs(self) -> bool:
@@ -262,9 +256,7 @@ class Strategy:
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one micro-batch's loss, scaled so that accumulated grads are a mean."""
-        if self._micro_step == self.cfg.grad_accum_steps:
-            raise RuntimeError("call optimizer_step() after every backward()")
-        self._check_trainable()
+        self._check_backward()
         (loss / self.cfg.grad_accum_steps).backward()
         self._micro_step += 1
         self._set_grad_sync(self._next_backward_syncs())  # for the micro-step after this one
@@ -488,7 +480,7 @@ class FSDPStrategy(Strategy):
             kwargs["mp_policy"] = MixedPrecisionPolicy(
                 param_dtype=torch.bfloat16, reduce_dtype=torch.float32
             )
-        for block in find_decoder_blocks(model):
+        for block in decoder_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
         for name in forward_methods:
@@ -572,7 +564,7 @@ class DeepSpeedStrategy(Strategy):
         return self.model.module
 
     def backward(self, loss: torch.Tensor) -> None:
-        self._check_trainable()
+        self._check_backward()
         self.model.backward(loss)  # scales by 1/grad_accum_steps
         self._micro_step += 1
 
