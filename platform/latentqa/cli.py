@@ -19,7 +19,7 @@ from .data import DataError, Example, Record, load_examples, read_dialog
 from .layout import LayoutError
 from .paths import CONTROLS_DIR, RUNS_DIR, STEER_PROMPTS
 
-DEFAULT_QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assistant trying to do?"]
+DEFAULT_QUESTIONS = ["What will the assistant do in its replies?", "Describe the assistant in a few words."]
 
 
 def _config(args: argparse.Namespace, overrides: list[str]) -> LatentQAConfig:

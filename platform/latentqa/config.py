@@ -45,7 +45,7 @@ class LoraSettings(_Strict):
 class PatchConfig(_Strict):
     """Where activations are read and written (SPEC "Patching")."""
 
-    read_layer: int = 2  # L: the block whose output is read
+    read_layer: int = 1  # L: the block whose output is read (Llama-3-8B: 15; the tiny offline model: 1)
     min_layer: int | None = None  # training samples L from [min_layer, max_layer) when both are set
     max_layer: int | None = None
     write_layer: int = 0  # W
@@ -69,7 +69,7 @@ class DataConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.01
     epochs: int = 6
     max_steps: int | None = None  # optimizer steps; stops early when set
@@ -77,7 +77,7 @@ class TrainConfig(_Strict):
     grad_accum: int = 1
     warmup_steps: int = 10
     max_grad_norm: float | None = 1.0
-    eval_every: int = 50  # optimizer steps; 0 disables
+    eval_every: int = 100  # optimizer steps; 0 disables
     eval_batches: int | None = None  # cap on eval batches (None: whole eval set)
     seed: int = 0
     run_name: str = "offline-default"
@@ -87,7 +87,7 @@ class TrainConfig(_Strict):
 class SteerConfig(_Strict):
     """Control (steering): a LoRA on the target's first blocks, trained through the frozen decoder."""
 
-    layers: int = 3  # adapter on target blocks 0 .. layers-1; the read layer is layers-1 (SPEC: 16 for 8B)
+    layers: int = 2  # adapter on target blocks 0 .. layers-1, read at block layers-1 (SPEC, 8B: 16, read at L=15)
     r: int = 16
     alpha: int = 32
     dropout: float = 0.1
