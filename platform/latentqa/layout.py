@@ -59,19 +59,20 @@ class LaidOutExample:
         return out
 
 
-def _tokenize_pieces(chat_format: ChatFormat, text: str, cuts: list[int]) -> tuple[list[list[int]], list[int]]:
-    """Token ids of text cut at `cuts` (sorted char positions), and the token index of each cut."""
-    bounds = [0, *cuts, len(text)]
-    pieces = chat_format.encode([text[a:b] for a, b in zip(bounds, bounds[1:])])
-    return pieces, _cumulative(pieces)
+def _tokenize_at(chat_format: ChatFormat, text: str, cuts: list[int]) -> tuple[list[int], list[list[int]]]:
+    """Text cut at `cuts` (char positions) and tokenised piece by piece: the piece bounds, and
+    the pieces' token ids. Cutting first makes every cut an exact token boundary."""
+    bounds = sorted({0, *cuts, len(text)})
+    return bounds, chat_format.encode([text[a:b] for a, b in zip(bounds, bounds[1:])])
 
 
-def _cumulative(pieces: list[list[int]]) -> list[int]:
-    offsets, total = [], 0
-    for piece in pieces[:-1]:
+def _token_index(bounds: list[int], pieces: list[list[int]]) -> dict[int, int]:
+    """char bound -> token index where that bound falls."""
+    index, total = {}, 0
+    for bound, piece in zip(bounds, [*pieces, []]):
+        index[bound] = total
         total += len(piece)
-        offsets.append(total)
-    return offsets
+    return index
 
 
 @dataclass
@@ -105,12 +106,10 @@ class Layout:
             if len(user_turns) >= 2:
                 verb_start = rendered.turn_starts[user_turns[0]]
                 verb_end = rendered.turn_starts[user_turns[1]]
-        pieces, (bos_tok, verb_start_tok, verb_end_tok) = _tokenize_pieces(
-            fmt, rendered.text, [bos_end, verb_start, verb_end]
-        )
+        bounds, pieces = _tokenize_at(fmt, rendered.text, [bos_end, verb_start, verb_end])
+        at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]
-        if verb_start == verb_end:  # no verb span: patch everything after BOS
-            verb_start_tok = verb_end_tok = bos_tok
+        verb_start_tok, verb_end_tok = at[verb_start], at[verb_end]
         return ReadSide(ids, (verb_start_tok, verb_end_tok), (verb_end_tok, len(ids)))
 
     # ----- write side ------------------------------------------------------------------
@@ -134,22 +133,18 @@ class Layout:
         # train learns every decoder turn, score only the answer, generate nothing
         labelled = {"train": decoder_turns, "score": decoder_turns[-1:], "generate": []}[mode]
         label_spans = [(rendered.content_spans[k][0], rendered.turn_ends[k]) for k in labelled]
-        cuts = sorted({*placeholder, *(b for span in label_spans for b in span)})
-        bounds = [0, *cuts, len(rendered.text)]
-        texts = [rendered.text[a:b] for a, b in zip(bounds, bounds[1:])]
-        placeholder_piece = bounds.index(placeholder[0])
-        pieces = fmt.encode(texts)
-        pieces[placeholder_piece] = fmt.placeholder_ids(n)
-        offsets = dict(zip(bounds, [0, *_cumulative(pieces), sum(map(len, pieces))]))
+        bounds, pieces = _tokenize_at(fmt, rendered.text, [*placeholder, *(b for span in label_spans for b in span)])
+        pieces[bounds.index(placeholder[0])] = fmt.placeholder_ids(n)  # the "?" stand-in becomes n ids
+        at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]
         labels = None
         if mode != "generate":
             labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
             ids_tensor = torch.tensor(ids)
             for a, b in label_spans:
-                labels[offsets[a] : offsets[b]] = ids_tensor[offsets[a] : offsets[b]]
+                labels[at[a] : at[b]] = ids_tensor[at[a] : at[b]]
             labels = labels.tolist()
-        return WriteSide(ids, (offsets[placeholder[0]], offsets[placeholder[1]]), labels)
+        return WriteSide(ids, (at[placeholder[0]], at[placeholder[1]]), labels)
 
     # ----- examples --------------------------------------------------------------------
     def example(self, example: Example, mode: Mode, index: int | None = None) -> LaidOutExample:
@@ -193,7 +188,7 @@ class Batch:
         return self.read_ids.shape[0]
 
 
-def _left_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(r) for r in rows])
     width = int(lengths.max()) if rows else 0
     out = torch.full((len(rows), width), value, dtype=torch.long)
@@ -214,11 +209,11 @@ def _span_mask(spans: list[Span], lengths: list[int], width: int) -> torch.Tenso
 
 
 def collate(examples: list[LaidOutExample], pad_id: int) -> Batch:
-    read_ids, read_attention = _left_pad([e.read.ids for e in examples], pad_id)
-    write_ids, write_attention = _left_pad([e.write.ids for e in examples], pad_id)
+    read_ids, read_attention = left_pad([e.read.ids for e in examples], pad_id)
+    write_ids, write_attention = left_pad([e.write.ids for e in examples], pad_id)
     labels = None
     if all(e.write.labels is not None for e in examples):
-        labels, _ = _left_pad([e.write.labels for e in examples], IGNORE_INDEX)
+        labels, _ = left_pad([e.write.labels for e in examples], IGNORE_INDEX)
     return Batch(
         read_ids=read_ids,
         read_attention=read_attention,

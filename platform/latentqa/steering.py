@@ -17,7 +17,7 @@ import torch
 
 from .config import SteerConfig
 from .data import QAPair, ReadDialog
-from .layout import LaidOutExample, _left_pad
+from .layout import LaidOutExample, left_pad
 from .models import CONTROL
 from .patching import positions
 from .session import LatentQA
@@ -79,9 +79,9 @@ def steer(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if on_step:
-            on_step(step, float(loss))
+            on_step(step, losses[-1])
     lqa.model.eval()
     lqa.model.adapters.save(CONTROL, out_dir)
     return SteerResult(out_dir, losses)
@@ -97,7 +97,7 @@ def complete(
     """Greedy replies of the target (adapter None) or of the target with a control adapter."""
     fmt = lqa.chat_format
     rows = [fmt.encode([fmt.render_text([{"role": "user", "content": p}], add_generation_prompt=True)])[0] for p in prompts]
-    ids, attention = _left_pad(rows, fmt.pad_id)
+    ids, attention = left_pad(rows, fmt.pad_id)
     ids, attention = ids.to(lqa.device), attention.to(lqa.device)
     tokens = lqa.model.generate(
         ids, attention, positions(attention), max_new_tokens, lqa.stop_ids, fmt.pad_id, adapter=adapter
