@@ -1,0 +1,295 @@
+"""jobs/train.py: Ray Data + Ray Train + MLflow over the engine, on one local Ray cluster.
+
+One session-scoped cluster (4 logical CPUs, token auth off) serves every test: the job runs as
+a separate driver (`python jobs/train.py` with RAY_ADDRESS, or `ray job submit`), as it would
+against a real cluster. Runs are tiny (a few optimizer steps, batch 4) so the slow tests stay
+within a few minutes on 2 cores; their results are cached and compared across strategies.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from latentqa.config import ConfigError
+from latentqa.data import DatasetSpec, load_examples
+from latentqa.paths import OFFLINE_TRAIN, PROJECT_ROOT
+
+JOB = PROJECT_ROOT / "jobs" / "train.py"
+STEPS, CHECKPOINT_AT = 6, 3
+# Tiny runs: batch 4 per worker, a short warmup so that the loss visibly falls in 6 steps.
+TINY = [
+    "--train.max_steps", str(STEPS), "--train.batch_size", "4", "--train.warmup_steps", "2",
+    "--train.eval_batches", "2", "--train.eval_every", str(CHECKPOINT_AT),
+]  # fmt: skip
+
+
+def _job_module():
+    """jobs/train.py imported as a module; its functions travel to Ray workers by value."""
+    import ray.cloudpickle
+
+    name = "latentqa_train_job"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, JOB)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+        ray.cloudpickle.register_pickle_by_value(module)
+    return sys.modules[name]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # GCS address, for drivers (RAY_ADDRESS)
+    dashboard: str  # job submission API
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session; 4 logical CPUs on 2 cores is deliberate
+    (2 train workers at 0.5 CPU leave Ray Data room, see PLATFORM-NOTES)."""
+    import ray
+
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")  # local test cluster: no token for job submit
+        context = ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=False,
+        )
+        try:
+            yield Cluster(context.address_info["gcs_address"], f"http://127.0.0.1:{port}")
+        finally:
+            ray.shutdown()
+
+
+def _env(cluster: Cluster) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+
+
+def run_job(cluster: Cluster, out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(JOB), "--train.output_dir", str(out), *args],
+        cwd=PROJECT_ROOT, env=_env(cluster), capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def _losses(run_dir: Path) -> list[tuple[int, float]]:
+    history = json.loads((run_dir / "metrics.json").read_text())["history"]
+    return [(h["step"], h["train/loss"]) for h in history]
+
+
+def _tail(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]).strip()
+
+
+# ---------------------------------------------------------------- fast: config and data
+
+
+def test_config_is_validated_before_anything_starts(tmp_path):
+    job = _job_module()
+    config, settings, strategy = job.parse_args(["--ray.num_workers", "3", "--train.lr", "3e-5"])
+    assert (settings.ray.num_workers, settings.ray.cpus_per_worker, config.train.lr) == (3, 0.5, 3e-5)
+    assert strategy.kind == "ddp" and strategy.grad_accum_steps == config.train.grad_accum
+    for bad, field in [
+        (["--train.lr", "fast"], "train.lr"),
+        (["--ray.cpus_per_worker", "0"], "ray.cpus_per_worker"),
+        (["--ray.num_wokers", "2"], "ray.num_wokers"),
+        (["--strategy.kind", "zero"], "strategy"),
+        (["--strategy.grad_accum_steps", "4"], "strategy.grad_accum_steps"),
+    ]:
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+            job.parse_args(bad)
+    yaml_file = tmp_path / "job.yaml"
+    yaml_file.write_text("train:\n  lr: 2.0e-4\nray:\n  checkpoint_every: 7\nmlflow:\n  experiment: sweep\n")
+    config, settings, _ = job.parse_args(["--config", str(yaml_file), "--ray.checkpoint_every", "9"])
+    assert (config.train.lr, settings.ray.checkpoint_every, settings.mlflow.experiment) == (2e-4, 9, "sweep")
+    assert job.main(["--patch.mode", "sideways"]) == 2  # rejected before Ray is contacted
+
+
+def _jsonl_copy(src: Path, dst: Path) -> Path:
+    """The set with its record files as JSONL (qa.json stays JSON)."""
+    dst.mkdir(parents=True)
+    shutil.copy(src / "qa.json", dst / "qa.json")
+    for name in ("system", "stimulus_completion", "stimulus", "control"):
+        rows = json.loads((src / f"{name}.json").read_text())
+        (dst / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return dst
+
+
+def test_ray_data_reads_validates_and_lays_out_like_the_engine(ray_cluster, tmp_path):
+    from latentqa.chat_format import ChatFormat
+    from latentqa.config import load_config
+    from latentqa.layout import Layout
+    from latentqa.models import load_tokenizer
+
+    job = _job_module()
+    job.connect(job.JobSettings())  # joins the session's cluster; ordered Ray Data, as in the job
+    config = load_config()
+    folder = _jsonl_copy(OFFLINE_TRAIN, tmp_path / "train")
+    spec = DatasetSpec(path=folder, filter=("goal",), train_percent=0.5, seed=3)
+    data = job.read_set(spec, "train")
+    engine_count = len(load_examples(DatasetSpec(path=OFFLINE_TRAIN, filter=("goal",))))
+    assert data.examples.count() == round(engine_count * 0.5)
+    assert sorted(Path(p).name for p in data.files) == ["control.jsonl", "qa.json", "stimulus.jsonl",
+                                                        "stimulus_completion.jsonl", "system.jsonl"]  # fmt: skip
+    rows = data.examples.take_all()
+    assert not any(json.loads(r["record"])["label"].startswith("goal-") for r in rows)
+
+    # The laid-out columns rebuild exactly the engine's LaidOutExample, row for row.
+    import pyarrow as pa
+
+    laid = job.lay_out(data.examples, config).take_all()
+    rebuilt = job.laid_out_examples(pa.Table.from_pylist(laid))
+    layout = Layout(ChatFormat(load_tokenizer(config.model)), max_length=2048)
+    assert rebuilt == [layout.example(job._example(r), "train") for r in rows]
+
+    # A JSONL line of the wrong type is named by file, record and field.
+    bad = folder / "control.jsonl"
+    lines = bad.read_text().splitlines()
+    lines[4] = json.dumps({**json.loads(lines[4]), "control_user": 42})
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(Exception) as info:
+        job.read_set(spec, "train")
+    found = job._data_error(info.value)
+    assert found is not None and "control.jsonl: record 4: field 'control_user'" in str(found)
+
+
+def test_malformed_data_fails_before_training(ray_cluster, tmp_path):
+    folder = tmp_path / "train"
+    shutil.copytree(OFFLINE_TRAIN, folder)
+    records = json.loads((folder / "stimulus.json").read_text())
+    records[3]["label"] = 7
+    (folder / "stimulus.json").write_text(json.dumps(records))
+    proc = run_job(ray_cluster, tmp_path / "runs", "--data.train.path", str(folder), "--train.run_name", "bad")
+    assert proc.returncode == 2, _tail(proc)
+    assert f"{folder / 'stimulus.json'}: record 3: field 'label'" in proc.stderr, _tail(proc)
+    assert "TrainController" not in proc.stdout + proc.stderr  # no worker ever started
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+# ---------------------------------------------------------------- slow: training runs
+
+
+@pytest.fixture(scope="session")
+def ddp_run(ray_cluster, tmp_path_factory):
+    """DDP, stopped on purpose right after its first checkpoint, then rerun under the same name."""
+    out = tmp_path_factory.mktemp("ddp")
+    args = [*TINY, "--train.run_name", "ddp", "--ray.checkpoint_every", str(CHECKPOINT_AT)]
+    stopped = run_job(ray_cluster, out, *args, "--ray.fail_after_step", str(CHECKPOINT_AT))
+    resumed = run_job(ray_cluster, out, *args)
+    return {"out": out, "run_dir": out / "ddp", "stopped": stopped, "resumed": resumed}
+
+
+@pytest.fixture(scope="session")
+def fsdp_run(ray_cluster, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    proc = run_job(ray_cluster, out, *TINY, "--train.run_name", "fsdp", "--strategy.kind", "fsdp",
+                   "--train.eval_every", "0", "--ray.checkpoint_every", "0", "--mlflow.enabled", "false")  # fmt: skip
+    return {"run_dir": out / "fsdp", "proc": proc}
+
+
+@pytest.mark.slow
+def test_resume_continues_at_the_right_step(ddp_run):
+    stopped, resumed, run_dir = ddp_run["stopped"], ddp_run["resumed"], ddp_run["run_dir"]
+    assert stopped.returncode == 1, _tail(stopped)
+    assert f"fail_after_step={CHECKPOINT_AT}" in stopped.stdout + stopped.stderr
+    assert resumed.returncode == 0, _tail(resumed)
+    assert f"checkpoint_{CHECKPOINT_AT:06d} at step {CHECKPOINT_AT} " in resumed.stdout, _tail(resumed)
+    assert [step for step, _ in _losses(run_dir)] == list(range(1, STEPS + 1))
+    assert (run_dir / f"checkpoint_{STEPS:06d}_final" / "progress.json").exists()
+
+
+@pytest.mark.slow
+def test_ddp_trains_and_saves_a_peft_decoder(ddp_run):
+    import safetensors.torch
+
+    assert ddp_run["resumed"].returncode == 0, _tail(ddp_run["resumed"])
+    losses = [loss for _, loss in _losses(ddp_run["run_dir"])]
+    assert losses[-1] < losses[0] - 0.05, losses
+    decoder = ddp_run["run_dir"] / "decoder"
+    assert json.loads((decoder / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    keys = safetensors.torch.load_file(decoder / "adapter_model.safetensors")
+    assert keys and all("lora_" in k for k in keys)
+    # The held-out dialog is read with the new decoder and the answers printed.
+    out = ddp_run["resumed"].stdout
+    assert "held-out dialog:" in out and out.count("  A: ") == 2, _tail(ddp_run["resumed"])
+
+
+@pytest.mark.slow
+def test_mlflow_run_and_registered_model(ddp_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ddp_run['out'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("latentqa")
+    assert experiment.artifact_location == (ddp_run["out"] / "mlartifacts").as_uri()
+    [run] = client.search_runs([experiment.experiment_id])  # the stopped run and its resume: one run
+    assert run.info.status == "FINISHED"
+    params, tags = run.data.params, run.data.tags
+    assert params["train.max_steps"] == str(STEPS) and params["strategy.kind"] == "ddp"
+    assert params["lora.target_modules"].startswith("[")
+    assert len(params["data.sha256.train/stimulus.json"]) == 64
+    assert tags["latentqa.run_name"] == "ddp" and len(tags["latentqa.code_sha256"]) == 16
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # each step once, across the resume
+    for key in ("train/lr", "train/label_tokens_per_s", "eval/activation_gain", "final/loss_true"):
+        assert key in run.data.metrics
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "decoder")} == {
+        "decoder/adapter_config.json", "decoder/adapter_model.safetensors"}  # fmt: skip
+    [version] = client.search_model_versions("name='latentqa-decoder-tiny-llama'")
+    assert version.run_id == run.info.run_id
+    patch = json.loads((ddp_run["run_dir"] / "config.json").read_text())["patch"]
+    assert version.tags["read_layer"] == str(patch["read_layer"])
+    assert version.tags["write_layer"] == str(patch["write_layer"])
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp(ddp_run, fsdp_run):
+    """Same seed, same data: FSDP2's losses equal the (stopped and resumed) DDP run's, so the
+    resume continued with the very batches, weights, optimizer state and dropout it stopped at."""
+    assert fsdp_run["proc"].returncode == 0, _tail(fsdp_run["proc"])
+    ddp, fsdp = _losses(ddp_run["run_dir"]), _losses(fsdp_run["run_dir"])
+    assert fsdp[0] == pytest.approx(ddp[0], abs=1e-5)
+    assert [loss for _, loss in fsdp] == pytest.approx([loss for _, loss in ddp], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_deepspeed_zero3_end_to_end(ray_cluster, ddp_run, tmp_path):
+    """`ray job submit --working-dir .` against the running cluster, with ZeRO-3 (slow on CPU:
+    two steps, both still in the warmup, so their learning rates equal the 6-step DDP run's)."""
+    ray_cli = Path(sys.executable).parent / "ray"
+    out = tmp_path / "runs"
+    command = [
+        str(ray_cli), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(PROJECT_ROOT),
+        "--", sys.executable, "jobs/train.py",
+        "--train.output_dir", str(out), *TINY, "--train.run_name", "zero3",
+        "--strategy.kind", "deepspeed", "--strategy.zero_stage", "3", "--ray.checkpoint_every", "0",
+        "--train.max_steps", "2", "--train.eval_every", "0",
+    ]  # fmt: skip
+    proc = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(ray_cluster), capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, _tail(proc)
+    assert "succeeded" in proc.stdout + proc.stderr
+    assert (out / "zero3" / "decoder" / "adapter_model.safetensors").exists()
+    assert "held-out dialog:" in proc.stdout
+    zero3, ddp = _losses(out / "zero3"), _losses(ddp_run["run_dir"])
+    assert zero3[0] == pytest.approx(ddp[0], abs=1e-5)
+    assert zero3[1] == pytest.approx(ddp[1], abs=1e-4)
