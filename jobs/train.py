@@ -55,7 +55,9 @@ from ray.train.torch import TorchTrainer
 
 import latentqa.paths
 from latentqa.config import ConfigError, LatentQAConfig
-from latentqa.data import QA_FILE, DataError, DatasetSpec, Example, Record, expand, parse_qa, parse_records, read_dialog
+from latentqa.data import (
+    QA_FILE, DataError, DatasetSpec, Example, Record, expand, parse_json_or_jsonl, parse_qa, parse_records, read_dialog,
+)
 from latentqa.layout import LaidOutExample, LayoutError, ReadSide, WriteSide, collate
 from latentqa.strategy import StrategyConfig
 
@@ -105,24 +107,6 @@ def strategy_config(config: LatentQAConfig) -> StrategyConfig:
 # ---------------------------------------------------------------- 2. data (Ray Data + the engine's checks)
 
 
-def _parse_json_or_jsonl(data: bytes, path: str) -> object:
-    """The engine's rule: `.jsonl` is one JSON value per line, anything else one JSON document."""
-    text = data.decode("utf-8")
-    if not path.endswith(".jsonl"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON: {err}") from None
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {line_no} is not valid JSON: {err}") from None
-    return rows
-
-
 def _file_path(row: dict) -> str:
     return str(row["path"]).removeprefix("local://")
 
@@ -130,7 +114,7 @@ def _file_path(row: dict) -> str:
 def _examples_of_file(row: dict, qa: dict, exclude: tuple[str, ...]) -> list[dict]:
     """flat_map: one file's bytes -> its validated examples (record x QA pair), one row each."""
     path = _file_path(row)
-    records = parse_records(_parse_json_or_jsonl(row["bytes"], path), path)
+    records = parse_records(parse_json_or_jsonl(row["bytes"].decode("utf-8"), path), path)
     return [
         {"record": e.record.model_dump_json(), "question": e.question, "answer": e.answer, "source": e.source}
         for e in expand(records, qa, path, exclude)
@@ -230,10 +214,7 @@ def read_set(spec: DatasetSpec, name: str) -> DataSet:
     files = ray.data.read_binary_files([str(p) for p in [qa_path, *record_paths]], include_paths=True).materialize()
     hashes = {_file_path(r): hashlib.sha256(r["bytes"]).hexdigest() for r in files.iter_rows()}
     qa_row = next(r for r in files.iter_rows() if _file_path(r) == str(qa_path))
-    raw_qa = _parse_json_or_jsonl(qa_row["bytes"], str(qa_path))
-    if isinstance(raw_qa, list):  # JSONL of {"label": ..., "qa": [[q, a], ...]} lines, as the engine
-        raw_qa = {row.get("label"): row.get("qa") for row in raw_qa if isinstance(row, dict)}
-    qa = parse_qa(raw_qa, str(qa_path))
+    qa = parse_qa(parse_json_or_jsonl(qa_row["bytes"].decode("utf-8"), str(qa_path)), str(qa_path))
 
     examples = files.filter(lambda r: _file_path(r) != str(qa_path)).flat_map(
         _examples_of_file, fn_kwargs={"qa": qa, "exclude": tuple(spec.filter)}

@@ -95,22 +95,25 @@ def _check_case(record: Record) -> str | None:
     return None
 
 
-def _load_json_or_jsonl(path: Path) -> object:
-    """A `.jsonl` file is one JSON value per line; anything else is one JSON document."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix != ".jsonl":
+def parse_json_or_jsonl(text: str, source: str) -> object:
+    """A `.jsonl` source is one JSON value per line; anything else is one JSON document."""
+    if not source.endswith(".jsonl"):
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON: {err}") from None
+            raise DataError(f"{source}: not valid JSON: {err}") from None
     rows = []
     for line_no, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
-                raise DataError(f"{path}: line {line_no} is not valid JSON: {err}") from None
+                raise DataError(f"{source}: line {line_no} is not valid JSON: {err}") from None
     return rows
+
+
+def _load_json_or_jsonl(path: Path) -> object:
+    return parse_json_or_jsonl(path.read_text(encoding="utf-8"), str(path))
 
 
 def _field_of(err: ValidationError) -> str:
@@ -147,6 +150,9 @@ def load_records(path: str | Path) -> list[Record]:
 
 
 def parse_qa(raw: object, source: str) -> dict[str, list[QAPair]]:
+    """Validate a QA map; JSONL rows of {"label": ..., "qa": [[q, a], ...]} are accepted too."""
+    if isinstance(raw, list):
+        raw = {row.get("label"): row.get("qa") for row in raw if isinstance(row, dict)}
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected an object mapping each label to [question, answer] pairs")
     try:
@@ -162,10 +168,7 @@ def parse_qa(raw: object, source: str) -> dict[str, list[QAPair]]:
 
 def load_qa(path: str | Path) -> dict[str, list[QAPair]]:
     path = Path(path)
-    raw = _load_json_or_jsonl(path)
-    if isinstance(raw, list):  # JSONL of {"label": ..., "qa": [[q, a], ...]} lines
-        raw = {row.get("label"): row.get("qa") for row in raw if isinstance(row, dict)}
-    return parse_qa(raw, str(path))
+    return parse_qa(_load_json_or_jsonl(path), str(path))
 
 
 @dataclass(frozen=True)
