@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from latentqa.config import ConfigError, LatentQAConfig, load_config, parse_overrides
+from latentqa.config import (
+    ConfigError, LatentQAConfig, load_config, merge_trees, parse_overrides, read_config_file, validation_message,
+)
 
 JOB_SECTIONS = ("ray", "mlflow")
 
@@ -67,14 +67,7 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
 
     Raises `ConfigError` naming the file and field on anything unknown or invalid.
     """
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a config file is a mapping of sections")
+    tree = read_config_file(path) if path is not None else {}
     extra = parse_overrides(overrides or [])
     job_tree = {k: tree.pop(k) for k in JOB_SECTIONS if k in tree}
     for key in JOB_SECTIONS:
@@ -83,21 +76,13 @@ def load_job_config(path: str | Path | None = None, overrides: list[str] | None 
     try:
         settings = JobSettings.model_validate(job_tree)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"{path or 'config'}: {problems}") from None
-    merged = _merge(tree, extra)
+        raise ConfigError(validation_message(str(path or "config"), err)) from None
+    merged = merge_trees(tree, extra)
     try:
         config = load_config(None, merged)
     except ConfigError as err:
         raise ConfigError(str(err).replace("config:", f"{path}:", 1) if path else str(err)) from None
     return config, settings
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def tracking_uri(settings: MlflowSettings, output_dir: Path) -> str:

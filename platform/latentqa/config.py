@@ -144,29 +144,36 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_trees(base: dict, extra: dict) -> dict:
     out = dict(base)
     for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML config file as a tree of sections."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as err:
+        raise ConfigError(f"{path}: cannot read config: {err}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of sections")
+    return tree
+
+
+def validation_message(source: str, err: ValidationError) -> str:
+    """`source: section.field: problem; ...` for a pydantic error."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+    return f"{source}: {problems}"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> LatentQAConfig:
     """Defaults, then the YAML file, then overrides; errors name the offending field."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        try:
-            tree = yaml.safe_load(Path(path).read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: a config file is a mapping of sections")
+    tree = read_config_file(path) if path is not None else {}
     if overrides:
-        tree = _merge(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
+        tree = merge_trees(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     try:
         return LatentQAConfig.model_validate(tree)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{path or 'config'}: {problems}") from None
+        raise ConfigError(validation_message(str(path or "config"), err)) from None
