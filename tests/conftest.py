@@ -1,8 +1,11 @@
-"""Shared fixtures: tokenizers of several chat-template families, tiny models, the offline default."""
+"""Shared fixtures: tokenizers of several chat-template families, tiny models, the offline default,
+and the one local Ray cluster that every platform test (jobs, Serve) shares."""
 
 from __future__ import annotations
 
 import os
+import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -134,3 +137,40 @@ def session_for(model_dir: Path, **overrides):
         overrides={"model": {"path": str(model_dir), "tokenizer": str(OFFLINE_MODEL), "weights": "random"}, **overrides}
     )
     return LatentQA.load(config, train_decoder=True)
+
+
+# ---------------------------------------------------------------- one Ray cluster per session
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str  # GCS address, for drivers (RAY_ADDRESS)
+    dashboard: str  # job submission API
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole session; 4 logical CPUs on 2 cores is deliberate
+    (2 train workers at 0.5 CPU leave Ray Data room, see PLATFORM-NOTES)."""
+    import ray
+
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_AUTH_MODE", "disabled")  # local test cluster: no token for job submit
+        context = ray.init(
+            num_cpus=4,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=port,
+            log_to_driver=False,
+        )
+        try:
+            yield Cluster(context.address_info["gcs_address"], f"http://127.0.0.1:{port}")
+        finally:
+            ray.shutdown()

@@ -6,6 +6,7 @@ files in a temp dir and are cached for the cross-kind comparison.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -23,6 +24,7 @@ from latentqa.strategy import Strategy, StrategyConfig
 
 VOCAB, BATCH, SEQ = 256, 2, 16
 WORLD, GRAD_ACCUM, STEPS = 2, 2, 3
+EMA_DECAY = 0.5  # large steps of the average, so that a wrong one shows
 ADAPTER = "decoder"
 
 
@@ -197,19 +199,23 @@ def _raw_peft_disable_breaks(strategy: Strategy, micro: torch.Tensor, probe: tor
 def _run(cfg: StrategyConfig, out: Path) -> dict:
     """Train STEPS steps (saving the training state before the last), save the adapter, try
     PEFT's own disable_adapter(), then resume a fresh model from the saved state and redo the
-    last step."""
+    last step. The weights after every step are kept to check the moving average."""
     micro, probe, evaluation = _data()
     probes: list[torch.Tensor] = []
     strategy = _prepared(cfg)
     losses, first_micro = [], []
+    states = [strategy.adapter_state_dict()]  # the average starts at the initial weights
     for step in range(STEPS):
         if step == STEPS - 1:
             strategy.save_training_state(out / "state", extra={"epoch": 7})
         loss, first = _train_step(strategy, micro, probe, probes)
         losses.append(loss)
         first_micro.append(first)
+        states.append(strategy.adapter_state_dict())
     assert strategy.step == STEPS
-    logits = _eval_logits(strategy, evaluation)
+    with strategy.averaged_weights():
+        averaged = strategy.adapter_state_dict()
+    logits = _eval_logits(strategy, evaluation)  # the live weights are back
     strategy.save_adapter(out / "adapter", ADAPTER)
     adapter_state = strategy.adapter_state_dict()
     raw_peft_disable_breaks = _raw_peft_disable_breaks(strategy, micro, probe)
@@ -219,7 +225,12 @@ def _run(cfg: StrategyConfig, out: Path) -> dict:
     assert extra == {"epoch": 7} and resumed.step == STEPS - 1
     _, resumed_first = _train_step(resumed, micro, probe, probes)
     resumed_logits = _eval_logits(resumed, evaluation)
+    with resumed.averaged_weights():
+        resumed_averaged = resumed.adapter_state_dict()
     return {
+        "states": states,
+        "averaged": averaged,
+        "resumed_averaged": resumed_averaged,
         "kind": type(strategy).kind,
         "losses": losses,
         "next_loss": first_micro[-1],
@@ -243,7 +254,7 @@ def _worker(rank: int, kind: str, port: int, out: Path) -> None:
     )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        cfg = StrategyConfig(kind=kind, zero_stage=3, grad_accum_steps=GRAD_ACCUM)
+        cfg = StrategyConfig(kind=kind, zero_stage=3, grad_accum_steps=GRAD_ACCUM, ema_decay=EMA_DECAY)
         result = _run(cfg, out)
         if rank == 0:
             torch.save(result, out / "result.pt")
@@ -270,7 +281,7 @@ def _result(kind: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
     if kind not in _RESULTS:
         out = tmp_path_factory.mktemp(kind)
         if kind == "local":
-            cfg = StrategyConfig(kind="local", grad_accum_steps=WORLD * GRAD_ACCUM)
+            cfg = StrategyConfig(kind="local", grad_accum_steps=WORLD * GRAD_ACCUM, ema_decay=EMA_DECAY)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)  # as in the workers; steadier on a busy 2-core machine
             try:
@@ -318,6 +329,14 @@ def _check(result: dict, reference: dict) -> None:
     # (d) resuming from the saved state repeats the last step exactly
     assert abs(result["resumed_next_loss"] - result["next_loss"]) < 1e-6
     torch.testing.assert_close(result["resumed_logits"], result["logits"], atol=1e-5, rtol=0)
+    # (e) the moving average, kept shard by shard, is the average of the weights after each step,
+    # and a resume restores it
+    expected = result["states"][0]
+    for state in result["states"][1:]:
+        expected = {k: v.lerp(state[k], 1 - EMA_DECAY) for k, v in expected.items()}
+    assert any((expected[k] - result["states"][-1][k]).abs().max() > 1e-3 for k in expected)
+    torch.testing.assert_close(result["averaged"], expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(result["resumed_averaged"], result["averaged"], atol=1e-6, rtol=0)
 
 
 def test_local(tmp_path_factory, reference, caplog):
@@ -351,3 +370,61 @@ def test_kinds_agree(tmp_path_factory):
         losses = _result(kind, tmp_path_factory)["losses"]
         assert abs(losses[0] - local["losses"][0]) < 1e-5, (kind, losses, local["losses"])
         assert losses == pytest.approx(local["losses"], abs=1e-4), (kind, losses, local["losses"])
+
+
+# ---------------------------------------------------------------- ZeRO-3 loading
+
+
+def _zero3_loading_worker(rank: int, port: int, checkpoint: Path, out: Path) -> None:
+    """The engine's model, from a pretrained checkpoint, loaded whole and then partitioned."""
+    from latentqa.config import load_config
+    from latentqa.data import load_examples
+    from latentqa.session import LatentQA
+    from latentqa.training import adamw_factory
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        config = load_config(overrides={"model": {"path": str(checkpoint), "weights": "pretrained"}})
+        examples = load_examples(config.data.train)[:4]
+        result = {}
+        for partitioned in (False, True):
+            strategy = Strategy.create(StrategyConfig(kind="deepspeed", zero_stage=3))
+            torch.manual_seed(0)
+            with strategy.model_loading() if partitioned else contextlib.nullcontext():
+                lqa = LatentQA.load(config, train_decoder=True)
+            # The embedding as loaded, before DeepSpeed's engine exists: empty when partitioned.
+            loaded_numel = lqa.model.peft_model.get_input_embeddings().weight.numel()
+            strategy.prepare(lqa.model, adamw_factory(config.train))
+            batch = lqa.collate(lqa.lay_out(examples, "train"))
+            losses = []
+            for _ in range(2):
+                loss = strategy.model(batch, config.patch.read_layer, True)
+                strategy.backward(loss)
+                strategy.optimizer_step()
+                losses.append(strategy.all_reduce_mean(loss.item()))
+            result[partitioned] = {"loaded_numel": loaded_numel, "losses": losses}
+        if rank == 0:
+            torch.save(result, out / "zero3_loading.pt")
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero3_loads_pretrained_weights_partitioned(tmp_path):
+    """Under `model_loading`, ZeRO-3 builds the pretrained base already partitioned (no rank holds
+    a whole weight, as a 70B needs), and trains exactly as the whole-loaded model does."""
+    from latentqa.config import load_config
+    from latentqa.models import load_base, load_tokenizer
+
+    model_config = load_config().model
+    checkpoint = tmp_path / "pretrained"
+    load_base(model_config).save_pretrained(checkpoint)
+    load_tokenizer(model_config).save_pretrained(checkpoint)
+    mp.spawn(_zero3_loading_worker, args=(_free_port(), checkpoint, tmp_path), nprocs=WORLD, join=True)
+    result = torch.load(tmp_path / "zero3_loading.pt", weights_only=False)
+    assert result[False]["loaded_numel"] > 0 and result[True]["loaded_numel"] == 0
+    assert result[True]["losses"] == pytest.approx(result[False]["losses"], abs=1e-6)
+    assert result[True]["losses"][1] < result[True]["losses"][0]

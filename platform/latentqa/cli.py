@@ -17,7 +17,7 @@ from .chat_format import UnsupportedChatTemplate
 from .config import ConfigError, LatentQAConfig, load_config
 from .data import DataError, Example, Record, load_examples, read_dialog
 from .layout import LayoutError
-from .paths import CONTROLS_DIR, RUNS_DIR, STEER_PROMPTS
+from .paths import CONTROLS_DIR, RUNS_DIR, STEER_PROMPTS, latest_decoder
 
 DEFAULT_QUESTIONS = ["What will the assistant do in its replies?", "Describe the assistant in a few words."]
 
@@ -29,18 +29,11 @@ def _config(args: argparse.Namespace, overrides: list[str]) -> LatentQAConfig:
     return config
 
 
-def _latest_decoder() -> Path:
-    found = sorted(RUNS_DIR.glob("*/decoder/adapter_config.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit(f"no trained decoder under {RUNS_DIR}: run `latentqa train` first, or pass --decoder DIR")
-    return found[-1].parent
-
-
 def _load(config: LatentQAConfig, train_decoder: bool = False):
     from .session import LatentQA  # torch and transformers load only when a model is needed
 
     if not train_decoder and config.model.decoder_adapter is None:
-        config.model.decoder_adapter = str(_latest_decoder())
+        config.model.decoder_adapter = str(latest_decoder())
         print(f"using the latest decoder: {config.model.decoder_adapter}", file=sys.stderr)
     return LatentQA.load(config, train_decoder=train_decoder)
 
@@ -69,8 +62,10 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
 
     from .evaluation import evaluate
     from .models import DECODER
-    from .strategy import Strategy, StrategyConfig
-    from .training import TrainProgress, adamw_factory, cosine_with_warmup, example_length, fit, length_grouped_order
+    from .strategy import Strategy
+    from .training import (
+        TrainProgress, adamw_factory, cosine_with_warmup, example_length, fit, length_grouped_order, strategy_config,
+    )  # fmt: skip
 
     config = _config(args, overrides)
     train_cfg = config.train
@@ -91,13 +86,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         for indices in length_grouped_order(lengths, train_cfg.batch_size, train_cfg.seed + epoch)[skip:]:
             yield lqa.collate([laid[i] for i in indices])
 
-    strategy = Strategy.create(
-        StrategyConfig(kind="local", grad_accum_steps=train_cfg.grad_accum, max_grad_norm=train_cfg.max_grad_norm)
-    )
+    strategy = Strategy.create(strategy_config(config, "local"))
     strategy.prepare(lqa.model, adamw_factory(train_cfg), lambda opt: cosine_with_warmup(opt, train_cfg.warmup_steps, total))
 
     def run_eval() -> dict[str, float]:
-        return evaluate(lqa, eval_examples, batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches).as_metrics()
+        with strategy.averaged_weights():
+            return evaluate(lqa, eval_examples, batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches).as_metrics()
 
     bar = tqdm(total=total, desc="train", unit="step")
 
@@ -115,7 +109,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     last = run_eval() if eval_examples else {}
     if last:
         print(_format_metrics(total, last))
-    lqa.model.adapters.save(DECODER, out)
+    with strategy.averaged_weights():
+        lqa.model.adapters.save(DECODER, out)
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))
     (run_dir / "metrics.json").write_text(json.dumps({"before": first, "after": last}, indent=2))
     print(f"decoder saved to {out}")
@@ -262,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         args.func(args, overrides)
-    except (ConfigError, DataError, LayoutError, UnsupportedChatTemplate) as err:
+    except (ConfigError, DataError, LayoutError, UnsupportedChatTemplate, FileNotFoundError) as err:
         raise SystemExit(f"error: {err}") from None
 
 

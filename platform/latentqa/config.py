@@ -77,6 +77,7 @@ class TrainConfig(_Strict):
     grad_accum: int = 1
     warmup_steps: int = 10
     max_grad_norm: float | None = 1.0
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # evaluate and save a moving average of the weights
     eval_every: int = 100  # optimizer steps; 0 disables
     eval_batches: int | None = None  # cap on eval batches (None: whole eval set)
     seed: int = 0

@@ -9,3 +9,11 @@ OFFLINE_HELDOUT = PROJECT_ROOT / "datasets" / "offline" / "heldout"
 STEER_PROMPTS = PROJECT_ROOT / "datasets" / "prompts" / "steer.json"
 CONTROLS_DIR = PROJECT_ROOT / "controls"
 RUNS_DIR = PROJECT_ROOT / "runs"
+
+
+def latest_decoder(runs: Path = RUNS_DIR) -> Path:
+    """The most recently trained decoder under `runs/` (by `latentqa train` or `jobs/train.py`)."""
+    found = sorted(runs.glob("*/decoder/adapter_config.json"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no trained decoder under {runs}: train one first, or name one with --decoder DIR")
+    return found[-1].parent

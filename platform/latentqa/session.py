@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+from transformers import AutoConfig
 
 from .chat_format import ChatFormat
 from .config import LatentQAConfig
@@ -13,6 +14,14 @@ from .data import Example
 from .layout import Batch, LaidOutExample, Layout, Mode, collate
 from .models import AdapterSet, load_base, load_tokenizer
 from .patching import LatentQAModel
+
+
+def layout_for(config: LatentQAConfig) -> Layout:
+    """The token layout of the configured model, from its tokenizer and config alone (no weights),
+    e.g. for data workers that only lay out examples."""
+    max_positions = getattr(AutoConfig.from_pretrained(config.model.path), "max_position_embeddings", None)
+    chat_format = ChatFormat(load_tokenizer(config.model))
+    return Layout(chat_format, thought_tokens=config.patch.thought_tokens, max_length=max_positions)
 
 
 @dataclass
@@ -25,16 +34,13 @@ class LatentQA:
 
     @classmethod
     def load(cls, config: LatentQAConfig, train_decoder: bool = False) -> "LatentQA":
-        tokenizer = load_tokenizer(config.model)
-        chat_format = ChatFormat(tokenizer)
+        layout = layout_for(config)
         base = load_base(config.model)
-        max_positions = getattr(base.config, "max_position_embeddings", None)
-        layout = Layout(chat_format, thought_tokens=config.patch.thought_tokens, max_length=max_positions)
         adapters = AdapterSet.create(base, config.model, config.lora, train_decoder)
         model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
         if not 0 <= config.patch.write_layer < model.num_layers:
             raise ValueError(f"patch.write_layer {config.patch.write_layer} is outside the model's {model.num_layers} blocks")
-        return cls(config, tokenizer, chat_format, layout, model)
+        return cls(config, layout.chat_format.tokenizer, layout.chat_format, layout, model)
 
     @property
     def device(self) -> torch.device:

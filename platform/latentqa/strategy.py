@@ -3,12 +3,16 @@
 Modelled on OpenRLHF's strategy. The loop is written once::
 
     strategy = Strategy.create(cfg)
+    with strategy.model_loading():          # ZeRO-3: load the weights already partitioned
+        peft_model = ...
     strategy.prepare(peft_model, lambda ps: torch.optim.AdamW(ps, lr=1e-4), None)
     for batch in batches:
         loss = strategy.model(**batch).loss
         strategy.backward(loss)
         if strategy.optimizer_step():
             ...  # a real optimizer step happened: log, checkpoint
+    with strategy.averaged_weights(), strategy.evaluation():
+        ...  # evaluate the moving average (ema_decay) through the model's other methods
 
 and runs unchanged on one process ("local"), DDP, FSDP2 or DeepSpeed ZeRO. This module does not
 import Ray: a launcher (Ray Train, torchrun, a test) initialises ``torch.distributed`` and, on GPUs,
@@ -77,6 +81,9 @@ class StrategyConfig(pydantic.BaseModel):
     grad_accum_steps: int = pydantic.Field(1, ge=1)
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
     """Clip the global gradient norm to this at every optimizer step; None disables clipping."""
+    ema_decay: float | None = pydantic.Field(None, gt=0, lt=1)
+    """Keep an exponential moving average of the trained weights (updated every optimizer step)
+    for ``averaged_weights()``; None: no average."""
 
 
 def find_peft_model(model: nn.Module) -> tuple[str, PeftModel]:
@@ -123,6 +130,8 @@ class Strategy:
         self._trainable_params: list[nn.Parameter] = []
         self.optimizer: Optimizer | None = None
         self.scheduler: LRScheduler | None = None
+        self._ema: list[torch.Tensor] | None = None
+        """The moving average, shard by shard: each rank averages the part of the weights it holds."""
 
     @classmethod
     def create(cls, cfg: StrategyConfig) -> Strategy:
@@ -155,6 +164,14 @@ class Strategy:
         """
         return self.model
 
+    @contextlib.contextmanager
+    def model_loading(self, pretrained: bool = True) -> Iterator[None]:
+        """Load the base model inside: ZeRO-3 then loads pretrained weights already partitioned,
+        so no rank ever holds the whole model (a 70B does not fit one GPU). The others, and
+        randomly initialised models (tiny tests: their seeded init must match the other
+        strategies'), load it whole."""
+        yield
+
     def prepare(
         self,
         model: nn.Module,
@@ -177,6 +194,8 @@ class Strategy:
             )
         self._broadcast_trainable(model)
         self._build(model, optimizer_factory, scheduler_factory, forward_methods)
+        if self.cfg.ema_decay is not None:
+            self._ema = [t.detach().float().clone() for t in self._local_shards()]
 
     def _build(
         self,
@@ -276,7 +295,78 @@ class Strategy:
         self.step += 1
         self._micro_step = 0
         self._set_grad_sync(self._next_backward_syncs())
+        self._update_ema()
         return True
+
+    # ---------------------------------------------------------------- averaged weights
+
+    def _local_shards(self) -> list[torch.Tensor]:
+        """The trained weights as this rank holds them (FSDP2: its shard of each DTensor)."""
+        from torch.distributed.tensor import DTensor
+
+        return [p.to_local() if isinstance(p, DTensor) else p for p in self._trainable_params]
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self._ema is not None:
+            for average, live in zip(self._ema, self._local_shards()):
+                average.lerp_(live.detach().float(), 1.0 - self.cfg.ema_decay)
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside, the trained weights are their moving average (to evaluate or save it); the
+        live weights come back on exit. Without ``ema_decay`` it changes nothing."""
+        if self._ema is None:
+            yield
+            return
+        shards = self._local_shards()
+        live = [t.detach().clone() for t in shards]
+        with torch.no_grad():
+            for shard, average in zip(shards, self._ema):
+                shard.copy_(average)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for shard, saved in zip(shards, live):
+                    shard.copy_(saved)
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        """Around calls to the unwrapped model's methods other than ``forward`` (evaluation,
+        reading). FSDP2 needs it to gather the root's own weights; the others need nothing."""
+        yield
+
+    # ---------------------------------------------------------------- per-rank state
+
+    def _save_rank_state(self, out_dir: Path) -> None:
+        """What each rank holds alone: its RNG (dropout draws, for an exact resume) and its
+        shard of the moving average."""
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        state = {
+            "world_size": self.world_size,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "ema": self._ema,
+        }
+        torch.save(state, Path(out_dir) / f"rank_state_{self.rank}.pt")
+
+    def _load_rank_state(self, in_dir: Path) -> None:
+        path = Path(in_dir) / f"rank_state_{self.rank}.pt"
+        state = torch.load(path, weights_only=True) if path.exists() else None
+        if state is None or state["world_size"] != self.world_size:
+            if self._ema is not None:
+                raise ValueError(f"{in_dir}: the moving average was saved by another number of ranks; resume on as many")
+            log.info("%s: saved on another number of ranks; RNG streams start afresh", in_dir)
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if self._ema is not None:
+            if state["ema"] is None:
+                raise ValueError(f"{in_dir}: saved without a moving average (train.ema_decay was unset)")
+            for average, saved in zip(self._ema, state["ema"]):
+                average.copy_(saved)
 
     def all_reduce_mean(self, value: float) -> float:
         """Mean of ``value`` over ranks (for logging losses and metrics)."""
@@ -301,10 +391,10 @@ class Strategy:
         """
         from torch.distributed.tensor import DTensor
 
-        params = dict(self.unwrapped.named_parameters())
         state = {}
-        for name in self._trainable_names:
-            p = params[name]
+        # The recorded parameters, not the module's: an unsharded FSDP2 root registers a gathered
+        # copy, which `averaged_weights` does not reach.
+        for name, p in zip(self._trainable_names, self._trainable_params):
             if isinstance(p, DTensor):  # an FSDP2 shard: all-gather on the mesh's device
                 p = p.to(p.device_mesh.device_type).full_tensor()
             state[name] = p.detach().to("cpu", copy=True)
@@ -373,6 +463,7 @@ class Strategy:
                 "extra": extra or {},
             }
             torch.save(state, Path(out_dir) / self._STATE_FILE)
+        self._save_rank_state(out_dir)
         self.barrier()
 
     def load_training_state(self, in_dir: Path) -> dict[str, Any]:
@@ -399,6 +490,7 @@ class Strategy:
         self.step = state["step"]
         self._micro_step = 0
         self._set_grad_sync(self._next_backward_syncs())
+        self._load_rank_state(in_dir)
         return state["extra"]
 
 
@@ -491,6 +583,30 @@ class FSDPStrategy(Strategy):
         # Micro-steps accumulate unsharded local grads; the boundary backward reduce-scatters them.
         self.model.set_requires_gradient_sync(enabled)
 
+    def _init_root(self) -> None:
+        # The root must initialise before any block runs on its own (else, before the first
+        # training forward, block 0 would make itself a root); FSDP2 has no public call for it.
+        self.model._get_fsdp_state()._lazy_init()
+
+    @contextlib.contextmanager
+    def evaluation(self) -> Iterator[None]:
+        # FSDP2 gathers the root's own weights (embeddings, norm, head) only around `forward`.
+        self._init_root()
+        self.model.unshard()
+        try:
+            yield
+        finally:
+            self.model.reshard()
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        # A root left unsharded (e.g. after an evaluation forward) would keep computing with its
+        # gathered live weights: reshard it, so that forwards gather the swapped-in average.
+        self._init_root()
+        self.model.reshard()
+        with super().averaged_weights():
+            yield
+
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge; ``override`` wins."""
@@ -539,6 +655,20 @@ class DeepSpeedStrategy(Strategy):
         user = json.loads(self.cfg.deepspeed_config.read_text()) if self.cfg.deepspeed_config else {}
         return _merge(user, ours)
 
+    @contextlib.contextmanager
+    def model_loading(self, pretrained: bool = True) -> Iterator[None]:
+        if self.cfg.zero_stage != 3 or not pretrained:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+        # While this object lives, transformers builds and loads models under deepspeed.zero.Init.
+        config = HfDeepSpeedConfig(self.deepspeed_config())
+        try:
+            yield
+        finally:
+            del config
+
     def _build(
         self,
         model: nn.Module,
@@ -575,7 +705,12 @@ class DeepSpeedStrategy(Strategy):
         if boundary:
             self.step += 1
             self._micro_step = 0
+            self._update_ema()
         return boundary
+
+    def _local_shards(self) -> list[torch.Tensor]:
+        # ZeRO-3 keeps this rank's partition in `ds_tensor` (`data` is empty between gathers).
+        return [getattr(p, "ds_tensor", p) for p in self._trainable_params]
 
     def _full_trainable_state(self) -> dict[str, torch.Tensor]:
         import deepspeed
@@ -592,6 +727,7 @@ class DeepSpeedStrategy(Strategy):
         self.model.save_checkpoint(
             str(out_dir), tag=self._TAG, client_state=client_state, exclude_frozen_parameters=True
         )
+        self._save_rank_state(out_dir)
 
     def load_training_state(self, in_dir: Path) -> dict[str, Any]:
         # Frozen weights were left out of the checkpoint, hence non-strict module loading.
@@ -601,5 +737,6 @@ class DeepSpeedStrategy(Strategy):
         if client_state is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {self._TAG!r} in {in_dir}")
         self.step = client_state["strategy_step"]
+        self._load_rank_state(in_dir)
         return client_state["extra"]
 

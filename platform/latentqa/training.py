@@ -15,9 +15,27 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import PatchConfig, TrainConfig
+from .config import ConfigError, LatentQAConfig, PatchConfig, TrainConfig
 from .layout import IGNORE_INDEX, Batch, LaidOutExample
-from .strategy import Strategy
+from .strategy import Strategy, StrategyConfig
+
+
+# Set through the train section, which the single-process CLI shares with the distributed job.
+_FROM_TRAIN = {"grad_accum_steps": "grad_accum", "max_grad_norm": "max_grad_norm", "ema_decay": "ema_decay"}
+
+
+def strategy_config(config: LatentQAConfig, default_kind: str) -> StrategyConfig:
+    """The `strategy:` section (its kind defaulting to `default_kind`) plus the train section's
+    accumulation, clipping and averaging."""
+    fields = {"kind": default_kind, **config.strategy}
+    for key, train_key in _FROM_TRAIN.items():
+        if key in config.strategy:
+            raise ConfigError(f"strategy.{key}: set it through train.{train_key}")
+        fields[key] = getattr(config.train, train_key)
+    try:
+        return StrategyConfig.model_validate(fields)
+    except Exception as err:  # pydantic ValidationError: name the section
+        raise ConfigError(f"strategy: {err}") from None
 
 
 def sample_read_layer(patch: PatchConfig, rng: random.Random) -> int:
@@ -50,7 +68,7 @@ def adamw_factory(cfg: TrainConfig) -> Callable[[list[torch.nn.Parameter]], torc
     return lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int) -> list[list[int]]:
+def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int | str) -> list[list[int]]:
     """Batches of indices of similar length (less padding), in a seeded random order.
 
     Indices are shuffled, sorted by length within windows of 64 batches, cut into batches,
@@ -74,6 +92,11 @@ def example_length(example: LaidOutExample) -> int:
 
 def label_tokens(batch: Batch) -> int:
     return int((batch.labels != IGNORE_INDEX).sum())
+
+
+def batch_tokens(batch: Batch) -> int:
+    """Tokens the step computed on: the target's read dialogs and the decoder's, without padding."""
+    return int(batch.read_attention.sum() + batch.write_attention.sum())
 
 
 @dataclass
@@ -104,12 +127,14 @@ def fit(
     rng = random.Random(train.seed + progress.step)
     total_steps = train.max_steps or steps_per_epoch * train.epochs
     losses: list[float] = []
-    tokens, started = 0, time.perf_counter()
+    labels = tokens = 0
+    started = time.perf_counter()
     while progress.epoch < train.epochs and progress.step < total_steps:
         for batch in epoch_batches(progress.epoch, progress.batches_done):
             strategy.model.train()
             losses.append(train_step(strategy, batch, sample_read_layer(patch, rng), patch.shift_position_ids_train))
-            tokens += label_tokens(batch)
+            labels += label_tokens(batch)
+            tokens += batch_tokens(batch)
             progress.batches_done += 1
             if not strategy.optimizer_step():
                 continue
@@ -118,9 +143,10 @@ def fit(
             metrics = {
                 "train/loss": strategy.all_reduce_mean(sum(losses) / len(losses)),
                 "train/lr": strategy.optimizer.param_groups[0]["lr"],
-                "train/label_tokens_per_s": strategy.all_reduce_mean(tokens / elapsed) * strategy.world_size,
+                "train/tokens_per_s": strategy.all_reduce_mean(tokens / elapsed) * strategy.world_size,
+                "train/label_tokens_per_s": strategy.all_reduce_mean(labels / elapsed) * strategy.world_size,
             }
-            losses, tokens, started = [], 0, time.perf_counter()
+            losses, labels, tokens, started = [], 0, 0, time.perf_counter()
             if evaluate and train.eval_every and progress.step % train.eval_every == 0:
                 strategy.model.eval()
                 metrics.update(evaluate())

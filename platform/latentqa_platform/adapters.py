@@ -1,0 +1,135 @@
+"""Many adapters over one base model: where they come from, and how a request picks its own.
+
+`AdapterCatalog` turns what a request names (a configured name, or a registered version
+`model/3` / `model@alias`) into a canonical id, the Serve multiplexing key, and fetches the
+adapter folder for an id. Request strings only ever become MLflow model URIs after matching a
+strict pattern; local folders come from the operator's configuration alone.
+
+`SharedAdapters` keeps every loaded adapter under its own PEFT name on the one base and routes
+the engine's two roles ("decoder", "control") to the adapters the current request uses, so the
+engine's read/score code runs unchanged for any decoder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+from latentqa.config import LatentQAConfig
+from latentqa.models import AdapterSet
+
+from .serving import RequestError, UnknownAdapter
+from .tracking import resolve_adapter
+
+Kind = Literal["decoder", "control"]
+KIND_TAG = "latentqa.kind"  # on registered versions: "control" for control adapters
+REGISTRY_REF = re.compile(
+    r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:/(?P<version>[1-9][0-9]{0,8})|@(?P<alias>[A-Za-z][A-Za-z0-9_-]{0,63}))$"
+)
+
+
+@dataclass(frozen=True)
+class FetchedAdapter:
+    folder: Path  # adapter_config.json + adapter_model.safetensors
+    config: LatentQAConfig | None  # the engine config it was trained with, when it came with one
+
+
+def fetch_adapter(uri: str, tracking_uri: str, download_dir: Path) -> FetchedAdapter:
+    """A PEFT adapter from a registry URI or a local folder, with the engine config it was trained
+    with when one sits beside it. Only safetensors weights are accepted: a pickled `.bin` could
+    run code on load."""
+    folder = resolve_adapter(uri, tracking_uri, download_dir)
+    if not (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").exists():
+        raise RequestError("adapter", f"{uri}: adapters load from adapter_model.safetensors only")
+    config_file = folder.parent / "config.json"  # a run's config.json, or the registered `config.json` artifact
+    config = LatentQAConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
+    return FetchedAdapter(folder, config)
+
+
+class AdapterCatalog:
+    def __init__(self, kind: Kind, named: dict[str, str], tracking_uri: str):
+        self.kind, self.named, self.tracking_uri = kind, named, tracking_uri
+
+    def _client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+    def locate(self, ref: str, field: str) -> str:
+        """The canonical id of `ref`: `<kind>:<name>` for a configured adapter, `models:/name/N`
+        for a registered one (aliases resolved now, so a moved alias is seen). 404 otherwise."""
+        if ref in self.named:
+            uri = self.named[ref]
+            return self._registered(uri.removeprefix("models:/"), field, check_kind=False) if uri.startswith("models:/") else f"{self.kind}:{ref}"
+        return self._registered(ref, field, check_kind=True)
+
+    def _registered(self, ref: str, field: str, check_kind: bool) -> str:
+        from mlflow.exceptions import MlflowException
+
+        match = REGISTRY_REF.match(ref)
+        if not match:
+            raise UnknownAdapter(field, f"unknown {self.kind} {ref!r}: not configured, and not a registered `name/version` or `name@alias`")
+        name, version, alias = match["name"], match["version"], match["alias"]
+        try:
+            found = self._client().get_model_version(name, version) if version else self._client().get_model_version_by_alias(name, alias)
+        except MlflowException:
+            raise UnknownAdapter(field, f"unknown {self.kind} {ref!r}: no such registered model version") from None
+        is_control = found.tags.get(KIND_TAG) == "control"
+        if check_kind and is_control != (self.kind == "control"):
+            raise UnknownAdapter(field, f"{ref!r} is registered, but it is not a {self.kind}")
+        return f"models:/{name}/{found.version}"
+
+    def fetch(self, adapter_id: str, download_dir: Path) -> FetchedAdapter:
+        """The adapter folder of a canonical id (downloaded under `download_dir` if registered)."""
+        if adapter_id.startswith("models:/"):
+            return fetch_adapter(adapter_id, self.tracking_uri, download_dir)
+        name = adapter_id.removeprefix(f"{self.kind}:")
+        if name not in self.named:
+            raise UnknownAdapter(self.kind, f"unknown {self.kind} {name!r}")
+        return fetch_adapter(self.named[name], self.tracking_uri, download_dir)
+
+    def listing(self, exclude_prefix: str | None = None) -> list[dict]:
+        """Configured adapters and registered models of this kind, for GET endpoints."""
+        rows = [{"name": name, "source": uri, "kind": "configured"} for name, uri in self.named.items()]
+        for model in self._client().search_registered_models(max_results=200):
+            if exclude_prefix and model.name.startswith(exclude_prefix):
+                continue
+            versions = sorted(int(v.version) for v in model.latest_versions or [])
+            rows.append({"name": model.name, "source": f"models:/{model.name}", "kind": "registered",
+                         "latest_version": versions[-1] if versions else None,
+                         "aliases": sorted(model.aliases or {})})  # fmt: skip
+        return rows
+
+
+class SharedAdapters(AdapterSet):
+    """The session's adapters, with every served adapter under its own PEFT name and the engine's
+    roles routed per request (`with adapters.routed(decoder="a3"): read(...)`)."""
+
+    def __init__(self, adapters: AdapterSet):
+        super().__init__(adapters.model, set())  # serving trains nothing
+        self.routes: dict[str, str] = {}
+
+    def load(self, folder: Path, name: str) -> None:
+        self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        self._enforce()
+
+    def unload(self, name: str) -> None:
+        if name in self.model.peft_config:
+            self.model.delete_adapter(name)
+
+    def has(self, name: str) -> bool:
+        return name in self.model.peft_config
+
+    @contextlib.contextmanager
+    def routed(self, **roles: str) -> Iterator[None]:
+        self.routes = roles
+        try:
+            yield
+        finally:
+            self.routes = {}
+
+    def use(self, adapter: str | None):
+        return super().use(self.routes.get(adapter, adapter) if adapter else None)

@@ -1,0 +1,55 @@
+"""What the batch jobs (`jobs/read.py`, `jobs/control.py`, `jobs/evaluate.py`) share: the command
+line (the engine's sections plus `ray:` and `mlflow:`, as `jobs/train.py`), and a session over a
+decoder named by a registry URI or a folder, loaded where the work runs (a Ray worker)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from latentqa.config import ConfigError, LatentQAConfig
+
+from .adapters import fetch_adapter
+from .settings import JobSettings, load_job_config, tracking_uri
+
+
+def parse(prog: str, description: str, argv: list[str] | None,
+          add_arguments: Callable[[argparse.ArgumentParser], None]) -> tuple[argparse.Namespace, LatentQAConfig, JobSettings]:  # fmt: skip
+    """The job's own flags, then `--config FILE.yaml` and dotted overrides for every section;
+    raises ConfigError naming the field."""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description=description + " Any config field is an override: "
+        "--patch.read_layer 15, --ray.cpus_per_worker 1, --mlflow.tracking_uri URI.",
+    )  # fmt: skip
+    parser.add_argument("--config", type=Path, help="YAML file of config sections (engine + ray + mlflow)")
+    add_arguments(parser)
+    args, overrides = parser.parse_known_args(argv)
+    config, settings = load_job_config(args.config, overrides)
+    return args, config, settings
+
+
+def run_main(main: Callable[[], int]) -> int:
+    """Config errors are the user's: a message and exit code 2, no traceback."""
+    try:
+        return main()
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+
+def job_tracking_uri(config: LatentQAConfig, settings: JobSettings) -> str:
+    """As `jobs/train.py` resolves it: the setting, MLFLOW_TRACKING_URI, or `<train.output_dir>/mlflow.db`."""
+    return tracking_uri(settings.mlflow, Path(config.train.output_dir))
+
+
+def load_session(config: LatentQAConfig, decoder: str, tracking: str):
+    """A LatentQA session with `decoder` (`models:/name@alias`, `models:/name/3` or a folder)."""
+    from latentqa.session import LatentQA
+
+    with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
+        config = config.model_copy(deep=True)
+        config.model.decoder_adapter = str(fetch_adapter(decoder, tracking, Path(tmp)).folder)
+        return LatentQA.load(config)

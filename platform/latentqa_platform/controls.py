@@ -1,0 +1,128 @@
+"""Control (steering) jobs tracked in MLflow: one run per job, the adapter registered at the end.
+
+Used by the Serve app's POST /v1/controls (the run id is the job id; GET reads the job's state
+back from MLflow, so any gateway replica can answer) and by `jobs/control.py`.
+"""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Sequence
+
+from latentqa.data import QAPair
+from latentqa.models import CONTROL
+from latentqa.reading import read
+from latentqa.session import LatentQA
+from latentqa.steering import complete, steer
+
+from .adapters import KIND_TAG
+from .settings import MlflowSettings
+from .tracking import RunRef, finish_run, log_metrics, open_run, register_adapter
+
+JOB_KIND = "control-job"  # KIND_TAG of a control job's run
+NAME_TAG, ADAPTER_TAG, ERROR_TAG = "latentqa.control", "latentqa.adapter", "latentqa.error"
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+_STATUS = {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded", "FAILED": "failed", "KILLED": "failed"}
+
+
+def open_job(settings: MlflowSettings, output_dir: Path, name: str, params: dict[str, str]) -> RunRef:
+    """A new MLflow run for a control job (never a reopened one: the run name is unique)."""
+    run = open_run(settings, output_dir, f"control-{name}-{uuid.uuid4().hex[:8]}", params, {KIND_TAG: JOB_KIND, NAME_TAG: name})
+    run.client().update_run(run.run_id, status="SCHEDULED")
+    return run
+
+
+def read_control(lqa: LatentQA, instruction: str, questions: Sequence[str]) -> list[QAPair]:
+    """The paper's way to get a control: read the target under the instruction."""
+    [answers] = read(lqa, [[{"role": "user", "content": instruction}]], list(questions))
+    return list(zip(questions, answers))
+
+
+def train_control(
+    lqa: LatentQA,
+    run: RunRef,
+    registered_name: str,
+    qa: Sequence[QAPair],
+    prompts: Sequence[str],
+    tags: dict[str, str],
+    steps: int | None = None,
+    lr: float | None = None,
+) -> str:
+    """Steer, register the control adapter as a new version of `registered_name`, and return
+    `name/version`. Loss and progress go to the run at every step; the session keeps the
+    control adapter loaded (as `control`) so callers can complete with it."""
+    client = run.client()
+    client.update_run(run.run_id, status="RUNNING")
+    client.log_dict(run.run_id, {"qa": [list(pair) for pair in qa]}, "control.json")
+    cfg = lqa.config.steer.model_copy(update={k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None})
+
+    def on_step(step: int, loss: float) -> None:
+        log_metrics(run, {"control/loss": loss, "control/progress": (step + 1) / cfg.steps}, step + 1)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dir = Path(tmp) / "adapter"
+        steer(lqa, list(qa), list(prompts), adapter_dir, cfg, on_step=on_step)
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(lqa.config.model_copy(update={"steer": cfg}).model_dump_json(indent=2))
+        adapter = register_adapter(run, adapter_dir, config_file, registered_name, {KIND_TAG: "control", **tags})
+    client.set_tag(run.run_id, ADAPTER_TAG, adapter)
+    return adapter
+
+
+def run_job(lqa: LatentQA, run: RunRef, registered_name: str, qa: Sequence[QAPair] | None, instruction: str | None,
+            questions: Sequence[str], prompts: Sequence[str], tags: dict[str, str], steps: int | None = None,
+            lr: float | None = None, heldout: Sequence[str] = ()) -> str | None:  # fmt: skip
+    """A whole control job; the target's replies to `heldout` prompts without and with the new
+    control are logged as `completions.json`. A failure ends the run FAILED with the error as a
+    tag, and is not raised: the run is what the caller reports."""
+    try:
+        pairs = list(qa) if qa else read_control(lqa, instruction or "", questions)
+        before = complete(lqa, list(heldout)) if heldout else []
+        adapter = train_control(lqa, run, registered_name, pairs, prompts, tags, steps, lr)
+        if heldout:
+            after = complete(lqa, list(heldout), adapter=CONTROL)
+            table = [{"prompt": p, "target": b, "steered": a} for p, b, a in zip(heldout, before, after)]
+            run.client().log_dict(run.run_id, table, "completions.json")
+        finish_run(run)
+        return adapter
+    except Exception as err:  # the job's state is all the caller sees
+        run.client().set_tag(run.run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
+        finish_run(run, "FAILED")
+        return None
+    finally:
+        if CONTROL in lqa.model.adapters.model.peft_config:
+            lqa.model.adapters.remove_control()
+
+
+def job_status(tracking_uri: str, run_id: str) -> dict | None:
+    """A control job's state from its MLflow run; None if there is no such job."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not RUN_ID.match(run_id):
+        return None
+    client = MlflowClient(tracking_uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return None
+    tags = run.data.tags
+    if tags.get(KIND_TAG) != JOB_KIND:
+        return None
+    status = _STATUS.get(run.info.status, "failed")
+    steps = int(run.data.params.get("steps", 0)) or 1
+    progress = run.data.metrics.get("control/progress", 0.0)
+    return {
+        "id": run_id,
+        "name": tags.get(NAME_TAG, ""),
+        "status": status,
+        "progress": progress,
+        "step": round(progress * steps),
+        "steps": steps,
+        "loss": run.data.metrics.get("control/loss"),
+        "adapter": tags.get(ADAPTER_TAG),
+        "error": tags.get(ERROR_TAG),
+    }

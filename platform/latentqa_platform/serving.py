@@ -1,0 +1,232 @@
+"""What the Serve app (`serve/app.py`) accepts and answers: its settings, the request and response
+models with their limits, and the errors that become 4xx answers.
+
+Kept apart from the deployments so that the HTTP contract is readable (and testable) on its own.
+Every limit is a pydantic constraint, so an oversize request fails with a 422 naming the field
+before any model work; only the per-turn token limit needs the tokenizer and is checked in the app.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+
+from latentqa.config import LatentQAConfig, load_config
+from latentqa.paths import RUNS_DIR, STEER_PROMPTS
+
+from .settings import MlflowSettings, tracking_uri
+
+# Hard caps on request shape; they bound the work one request can cause.
+MAX_DIALOGS = 16
+MAX_QUESTIONS = 16
+MAX_MESSAGES = 32
+MAX_CANDIDATES = 32
+MAX_NEW_TOKENS = 256
+MAX_CONTROL_PAIRS = 64
+MAX_CONTROL_STEPS = 200
+MAX_TEXT_CHARS = 8000  # before tokenising; the token limit per turn is `ServeSettings.max_turn_tokens`
+
+# Names become MLflow model names and multiplexing ids, never file paths.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,47}$"
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)]
+Role = Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,20}$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServeSettings(_Strict):
+    """The app's configuration (`args:` of an application in `serve/config.yaml`)."""
+
+    config: str | None = None
+    """Engine config YAML (model, patch, steer sections); None: the offline default."""
+    overrides: list[str] = []
+    """Dotted engine overrides, e.g. ["--patch.read_layer", "15"]."""
+    decoders: dict[Name, str] = {}
+    """Decoders served by name: a registry URI (`models:/name@alias`, `models:/name/3`) or a local
+    PEFT folder. Requests may also name a registered version directly (`name/3`, `name@alias`)."""
+    default_decoder: Name | None = None
+    """The decoder a read uses when the request names none; None: the first of `decoders`."""
+    controls: dict[Name, str] = {}
+    """Control adapters served by name (same forms as `decoders`), besides registered ones."""
+    target_name: Name = "target"
+    """The chat-completions `model` that means the target with no control adapter."""
+    mlflow: MlflowSettings = MlflowSettings()
+    control_model_prefix: Name = "latentqa-control-"
+    """Control adapters trained by POST /v1/controls are registered as `<prefix><name>`."""
+    steer_prompts: str = str(STEER_PROMPTS)
+    """Prompt set a control is trained on ({"train": [...], "heldout": [...]})."""
+    control_questions: list[str] = [
+        "What type of persona will the assistant adopt?",
+        "How does the assistant talk?",
+        "What is the assistant trying to do?",
+        "Please describe the assistant's goal.",
+    ]
+    """Questions read under an instruction to build a control when a request gives no QA pairs."""
+    max_adapters_per_replica: int = Field(4, ge=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    max_turn_tokens: int = Field(512, ge=1)
+    auth_token_env: str = "LATENTQA_API_TOKEN"
+    """Bearer-token auth is on when this environment variable is set on the gateway replicas."""
+
+    def engine_config(self) -> LatentQAConfig:
+        return load_config(self.config, self.overrides)
+
+    def tracking_uri(self) -> str:
+        return tracking_uri(self.mlflow, RUNS_DIR)
+
+    def decoder_name(self) -> str:
+        if self.default_decoder:
+            return self.default_decoder
+        if not self.decoders:
+            raise ValueError("ServeSettings.decoders is empty: configure at least one decoder")
+        return next(iter(self.decoders))
+
+    def read_prompts(self) -> tuple[list[str], list[str]]:
+        prompts = json.loads(Path(self.steer_prompts).read_text())
+        return (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
+
+
+# ---------------------------------------------------------------- errors
+
+
+class RequestError(ValueError):
+    """A request the server cannot serve; `field` is the body path it blames (422 or 404)."""
+
+    status = 422
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+    def __reduce__(self):  # crosses Ray process boundaries intact
+        return (type(self), (self.field, self.message))
+
+
+class UnknownAdapter(RequestError):
+    status = 404
+
+
+# ---------------------------------------------------------------- requests and answers
+
+
+class Message(_Strict):
+    role: Role = Field(description="any role the target's chat template accepts (system, user, assistant, ...)")
+    content: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
+
+
+Dialog = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
+
+
+class ReadRequest(_Strict):
+    dialogs: list[Dialog] = Field(min_length=1, max_length=MAX_DIALOGS, description="dialogs to read")
+    questions: list[Text] = Field(min_length=1, max_length=MAX_QUESTIONS, description="asked about every dialog")
+    decoder: str | None = Field(None, max_length=200, description="a name from GET /v1/decoders, or `model/3`, `model@alias`")
+    read_layer: int | None = Field(None, ge=0, description="target block to read; default: the decoder's")
+    max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS)
+
+
+class ReadAnswer(BaseModel):
+    question: str
+    answer: str
+
+
+class ReadResponse(BaseModel):
+    decoder: str
+    read_layer: int
+    results: list[list[ReadAnswer]] = Field(description="results[d][q]: dialog d, question q")
+
+
+class ScoreRequest(_Strict):
+    dialog: Dialog
+    question: Text
+    candidates: list[Text] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    decoder: str | None = Field(None, max_length=200)
+    read_layer: int | None = Field(None, ge=0)
+
+
+class ScoredCandidate(BaseModel):
+    answer: str
+    loss: float
+
+
+class ScoreResponse(BaseModel):
+    decoder: str
+    read_layer: int
+    ranked: list[ScoredCandidate] = Field(description="best (lowest loss) first")
+
+
+class ChatRequest(BaseModel):
+    """The OpenAI chat-completions request; fields this server does not use are accepted and
+    ignored (clients send them), but unsupported values of the ones below are rejected."""
+
+    model: str = Field(max_length=200, description="the target's name, or a control adapter")
+    messages: Dialog
+    max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    n: Literal[1] = 1
+    stream: bool = False
+    seed: int | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return self.max_completion_tokens or self.max_tokens or 64
+
+
+class ControlRequest(_Strict):
+    name: Name = Field(description="the control's name; registered as `<prefix><name>`")
+    qa: list[tuple[Text, Text]] | None = Field(None, min_length=1, max_length=MAX_CONTROL_PAIRS)
+    instruction: Text | None = Field(None, description="read QA pairs from the target under this instruction")
+    questions: list[Text] | None = Field(None, min_length=1, max_length=MAX_QUESTIONS)
+    decoder: str | None = Field(None, max_length=200)
+    steps: int | None = Field(None, ge=1, le=MAX_CONTROL_STEPS, description="default: the engine's steer.steps")
+    lr: float | None = Field(None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ControlRequest":
+        if (self.qa is None) == (self.instruction is None):
+            raise ValueError("give exactly one of qa (control pairs) and instruction")
+        return self
+
+
+class ControlJob(BaseModel):
+    id: str
+    name: str
+    status: Literal["queued", "running", "succeeded", "failed"]
+    progress: float = Field(description="fraction of steps done")
+    step: int
+    steps: int
+    loss: float | None = None
+    adapter: str | None = Field(None, description="when succeeded: the `model` to use in /v1/chat/completions")
+    error: str | None = None
+
+
+def chat_completion(model: str, text: str, prompt_tokens: int, completion_tokens: int, finish: str) -> dict:
+    return {
+        "id": f"chatcmpl-{time.time_ns():x}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},  # fmt: skip
+    }
+
+
+def chat_chunk(completion_id: str, model: str, delta: dict, finish: str | None = None) -> dict:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }

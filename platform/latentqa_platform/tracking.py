@@ -1,0 +1,248 @@
+"""MLflow: one run per training (or steering) run name, its metrics and figures, and adapters in
+the model registry.
+
+A registered version is a pyfunc model whose artifacts are the PEFT adapter (`adapter/`) and the
+engine config it was trained with (`config.json`); `resolve_adapter` turns a registry URI
+(`models:/name@alias`, `models:/name/3`) or a local folder back into an adapter folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+import latentqa.paths
+from latentqa.config import LatentQAConfig
+
+from .settings import MlflowSettings, artifact_location, tracking_uri
+
+# Search runs by this tag: a resumed run reopens the MLflow run of its name.
+RUN_NAME_TAG = "latentqa.run_name"
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """An MLflow run, by value (it travels to Ray workers)."""
+
+    tracking_uri: str
+    run_id: str
+    experiment_id: str
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.tracking_uri)
+
+
+def model_slug(path: str) -> str:
+    """`meta-llama/Meta-Llama-3-8B-Instruct` -> `meta-llama-3-8b-instruct`."""
+    return re.sub(r"[^a-z0-9]+", "-", Path(path.rstrip("/")).name.lower()).strip("-") or "model"
+
+
+def decoder_model_name(settings: MlflowSettings, config: LatentQAConfig) -> str:
+    return settings.registered_model or f"latentqa-decoder-{model_slug(config.model.path)}"
+
+
+def code_version(job_file: str | Path) -> dict[str, str]:
+    """The git commit (when the code is a checkout) and a hash of the engine, platform and job
+    sources, which identifies the code also where there is no .git (a `ray job submit` package)."""
+    digest = hashlib.sha256()
+    roots = [Path(latentqa.paths.__file__).parent, Path(__file__).parent, Path(job_file).resolve().parent]
+    for path in sorted(p for root in roots for p in root.glob("*.py")):
+        digest.update(path.name.encode() + path.read_bytes())
+    tags = {"latentqa.code_sha256": digest.hexdigest()[:16]}
+    try:
+        root = Path(job_file).resolve().parents[1]
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            tags["mlflow.source.git.commit"] = sha.stdout.strip()
+            tags["latentqa.git_dirty"] = str(bool(dirty.stdout.strip())).lower()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config sections -> `section.field` params (non-strings as JSON)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
+    return out
+
+
+def open_run(settings: MlflowSettings, output_dir: Path, run_name: str, params: dict[str, str], tags: dict[str, str]) -> RunRef:
+    """The MLflow run of `run_name` (reopened on resume, else created), with its params logged.
+
+    Params are immutable in MLflow: a resume with changed settings keeps them as `resume.*` tags.
+    """
+    from mlflow.entities import Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    uri = tracking_uri(settings, output_dir)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    experiment_id = (
+        experiment.experiment_id
+        if experiment
+        else client.create_experiment(settings.experiment, artifact_location(settings, output_dir))
+    )
+    found = client.search_runs([experiment_id], f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        logged = found[0].data.params
+    else:
+        run_id = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name}).info.run_id
+        logged = {}
+    changed = {k: v for k, v in params.items() if k in logged and logged[k] != v[:6000]}
+    if changed:
+        print(f"note: resumed with changed settings (kept as tags, params are immutable): {sorted(changed)}")
+        tags = {**tags, **{f"resume.{k}": v[:5000] for k, v in changed.items()}}
+    new = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
+    for start in range(0, len(new), 100):  # MLflow's batch limit
+        client.log_batch(run_id, params=new[start : start + 100])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    return RunRef(uri, run_id, experiment_id)
+
+
+def log_metrics(run: RunRef, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    run.client().log_batch(run.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_loss_curves(run: RunRef, history: list[dict]) -> None:
+    """Train loss and the eval losses against the step, as `loss_curves.png` on the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for key, style in (("train/loss", "-"), ("eval/loss_true", "o-"), ("eval/loss_shuffled", "s--"), ("eval/loss_none", "^:")):
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if points:
+            axis.plot(*zip(*points), style, label=key, markersize=3)
+    axis.set(xlabel="optimizer step", ylabel="loss (nats per answer token)", yscale="log")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    run.client().log_figure(run.run_id, figure, "loss_curves.png")
+    plt.close(figure)
+
+
+def finish_run(run: RunRef, status: str = "FINISHED") -> None:
+    run.client().set_terminated(run.run_id, status)
+
+
+def _adapter_pyfunc():
+    import mlflow.pyfunc
+
+    class LatentQADecoder(mlflow.pyfunc.PythonModel):
+        """Reads dialogs with the decoder. Input: rows with `dialog` (a list of {role, content}
+        messages, or its JSON) and `question`; output: one answer per row."""
+
+        def load_context(self, context):
+            from latentqa.session import LatentQA
+
+            config = LatentQAConfig.model_validate_json(Path(context.artifacts["config"]).read_text())
+            config.model.decoder_adapter = context.artifacts["adapter"]
+            self.lqa = LatentQA.load(config)
+
+        def predict(self, context, model_input, params=None):
+            from latentqa.reading import read
+
+            rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+            dialogs = [json.loads(r["dialog"]) if isinstance(r["dialog"], str) else r["dialog"] for r in rows]
+            return [a[0] for a in read(self.lqa, dialogs, [[r["question"]] for r in rows])]
+
+    return LatentQADecoder()
+
+
+def register_adapter(run: RunRef, adapter_dir: Path, config_file: Path, name: str, tags: dict[str, str]) -> str:
+    """Log a PEFT adapter and its engine config on the run, register them as a version of model
+    `name` with `tags`; returns `name/version`."""
+    import mlflow
+
+    mlflow.set_tracking_uri(run.tracking_uri)
+    client = run.client()
+    status = client.get_run(run.run_id).info.status
+    mlflow.start_run(run_id=run.run_id)  # log_model logs into the active run
+    try:
+        info = mlflow.pyfunc.log_model(
+            name="adapter_model",
+            python_model=_adapter_pyfunc(),
+            artifacts={"adapter": str(adapter_dir), "config": str(config_file)},
+            registered_model_name=name,
+            pip_requirements=[f"latentqa=={importlib.metadata.version('latentqa')}", "torch", "transformers", "peft"],
+        )
+    finally:
+        mlflow.end_run(status)  # leave the run as it was: its owner finishes it
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    return f"{name}/{version}"
+
+
+def decoder_tags(config: LatentQAConfig) -> dict[str, str]:
+    """What the MLflow UI compares decoders by: where they read and write, and on what target."""
+    tags = {
+        "read_layer": str(config.patch.read_layer),
+        "write_layer": str(config.patch.write_layer),
+        "target_model": config.model.path,
+        "run_name": config.train.run_name,
+    }
+    if config.patch.min_layer is not None:
+        tags["read_layers"] = f"[{config.patch.min_layer}, {config.patch.max_layer})"
+    return tags
+
+
+def resolve_adapter(uri: str, tracking: str | None = None, download_dir: Path | None = None) -> Path:
+    """A PEFT adapter folder from a registry URI (`models:/name@alias`, `models:/name/3`) or a
+    local folder; a registered one comes with its `config.json` beside it. Raises
+    FileNotFoundError naming what is missing."""
+    if not uri.startswith("models:/"):
+        folder = Path(uri)
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"{uri}: not a PEFT adapter folder (no adapter_config.json)")
+        return folder
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    reference = uri.removeprefix("models:/")
+    name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
+    name, _, version = name.partition("/") if alias is None else (name, "", "")
+    if not name or not (alias or version.isdigit()):
+        raise FileNotFoundError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+    # Through the client, not download_artifacts("models:/..."), which looks the name up in the
+    # default store rather than in `tracking` (MLflow 3.17).
+    client = MlflowClient(tracking, registry_uri=tracking)
+    try:
+        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+        location = client.get_logged_model(found.source.removeprefix("models:/")).artifact_location
+        mlmodel = yaml.safe_load(mlflow.artifacts.load_text(f"{location}/MLmodel"))
+        within = Path(mlmodel["flavors"]["python_function"]["artifacts"]["adapter"]["path"])  # artifacts/<folder name>
+        # The whole artifacts folder: the adapter and, beside it, the config.json it was trained with.
+        local = mlflow.artifacts.download_artifacts(f"{location}/{within.parent}", dst_path=download_dir, tracking_uri=tracking)
+        adapter = Path(local) / within.name
+    except MlflowException as err:
+        raise FileNotFoundError(f"{uri}: {err.message}") from None
+    except KeyError:
+        raise FileNotFoundError(f"{uri}: not a LatentQA adapter model (its MLmodel names no adapter)") from None
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FileNotFoundError(f"{uri}: the registered model holds no adapter_model.safetensors")
+    return adapter

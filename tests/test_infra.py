@@ -1,0 +1,156 @@
+"""infra/ agrees with the code and the pins: job configs validate with the paper's settings, DeepSpeed
+JSONs leave the strategy's fields alone, KubeRay manifests run existing configs on as many workers
+as GPUs, the image installs the pinned torch. Fast: no Ray, no GPU."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+
+import pytest
+import yaml
+
+from latentqa.paths import PROJECT_ROOT
+from latentqa.strategy import DeepSpeedStrategy, StrategyConfig
+from latentqa.training import strategy_config
+from latentqa_platform.settings import load_job_config
+
+INFRA = PROJECT_ROOT / "infra"
+CONFIGS = sorted((INFRA / "configs").glob("*.yaml"))
+DEEPSPEED_CONFIGS = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("strategy", {}).get("kind") == "deepspeed"]
+DEEPSPEED_JSONS = sorted((INFRA / "deepspeed").glob("*.json"))
+MANIFESTS = sorted((INFRA / "kuberay").glob("*.yaml"))
+PAPER_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+# Fields a DeepSpeed JSON must not set although the strategy does not write them: they contradict
+# its batch triple or bf16, replace the loop's own optimizer and schedule, or belong to cpu_offload.
+NOT_IN_JSON = [("train_batch_size",), ("fp16",), ("optimizer",), ("scheduler",),
+               ("zero_optimization", "offload_optimizer"), ("zero_optimization", "offload_param")]  # fmt: skip
+
+
+def name(path):
+    return path.name
+
+
+def pin(package: str) -> str:
+    """The version pyproject.toml pins `package` to (`name==X` or `name[extras]==X`)."""
+    project = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]
+    for dep in project["dependencies"] + sum(project["optional-dependencies"].values(), []):
+        if match := re.fullmatch(rf"{package}(\[[^\]]*\])?==(\S+)", dep):
+            return match.group(2)
+    raise AssertionError(f"pyproject.toml does not pin {package}")
+
+
+def leaves(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key)
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_the_required_configs_exist():
+    wanted = {"llama3-8b-ddp.yaml", "llama3-8b-fsdp.yaml", "llama3-70b-fsdp.yaml", "llama3-70b-zero3.yaml"}
+    assert wanted <= {p.name for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=name)
+def test_config_validates_with_the_paper_settings(path):
+    config, settings = load_job_config(path)
+    strategy = strategy_config(config, "ddp")
+    assert not {"grad_accum_steps", "max_grad_norm"} & set(config.strategy)  # set through train:
+    size = re.match(r"llama3-(\d+)b-", path.name).group(1)
+    assert config.model.path == f"meta-llama/Meta-Llama-3-{size}B-Instruct"
+    assert config.patch.read_layer == {"8": 15, "70": 21}[size]
+    assert (config.patch.write_layer, config.model.weights, config.model.dtype) == (0, "pretrained", "bfloat16")
+    lora = config.lora
+    assert (lora.r, lora.alpha, lora.dropout, lora.target_modules) == (16, 32, 0.05, PAPER_LORA_MODULES)
+    train = config.train
+    assert (train.lr, train.weight_decay, train.epochs, train.batch_size, train.grad_accum) == (3e-5, 0.01, 5, 4, 8)
+    assert strategy.kind == {"ddp": "ddp", "fsdp": "fsdp", "zero3": "deepspeed"}[path.stem.rsplit("-", 1)[1]]
+    assert strategy.mixed_precision == "bf16"
+    assert (settings.ray.num_workers, settings.ray.use_gpu) == (8, True)
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_CONFIGS, ids=name)
+def test_deepspeed_config_file_resolves_and_deepspeed_accepts_the_merge(path, monkeypatch):
+    monkeypatch.chdir(PROJECT_ROOT)  # configs name files relative to the project root
+    strategy = strategy_config(load_job_config(path)[0], "ddp")
+    assert strategy.deepspeed_config.is_file()
+    merged = DeepSpeedStrategy(strategy).deepspeed_config()
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    # DeepSpeed's own validation: rejects e.g. misspelt zero_optimization fields.
+    assert ds_config.DeepSpeedConfig(merged).zero_optimization_stage == strategy.zero_stage == 3
+
+
+@pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=name)
+def test_deepspeed_json_sets_nothing_the_strategy_computes(path):
+    # Every field the strategy writes (all options on): the merge would silently override them.
+    computed = DeepSpeedStrategy(StrategyConfig(kind="deepspeed", cpu_offload=True, mixed_precision="bf16")).deepspeed_config()
+    owned = [*leaves(computed), *NOT_IN_JSON]
+    clashes = [".".join(leaf) for leaf in leaves(json.loads(path.read_text())) if any(leaf[: len(o)] == o for o in owned)]
+    assert not clashes, f"{path.name} sets fields the strategy or the loop owns"
+
+
+# ---------------------------------------------------------------- KubeRay
+
+
+def cluster_spec(manifest: dict) -> dict:
+    return manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
+
+
+def total_gpus(cluster: dict) -> int:
+    return sum(
+        group["replicas"] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+        for group in cluster["workerGroupSpecs"]
+        for container in group["template"]["spec"]["containers"]
+    )
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=name)
+def test_kuberay_manifest_runs_a_config_with_one_worker_per_gpu(path):
+    (manifest,) = yaml.safe_load_all(path.read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] in ("RayCluster", "RayJob")
+    cluster = cluster_spec(manifest)
+    assert cluster["rayVersion"] == pin("ray")  # KubeRay must match the Ray in the image
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    assert len({c["image"] for g in groups for c in g["template"]["spec"]["containers"]}) == 1
+    gpus = total_gpus(cluster)
+    if manifest["kind"] == "RayCluster":  # the standing cluster: every config fills it
+        assert {load_job_config(p)[1].ray.num_workers for p in CONFIGS} == {gpus}
+        return
+    command = shlex.split(manifest["spec"]["entrypoint"])
+    assert command[:2] == ["python", "jobs/train.py"]
+    args = command[2:]
+    at = args.index("--config")
+    config_path = PROJECT_ROOT / args[at + 1]
+    assert config_path.is_file()
+    base, base_settings = load_job_config(config_path)
+    config, settings = load_job_config(config_path, args[:at] + args[at + 2 :])
+    assert settings.ray.num_workers == gpus
+    # More workers, same global batch as the config's own node.
+    global_batch = base.train.batch_size * base_settings.ray.num_workers * base.train.grad_accum
+    assert config.train.batch_size * gpus * config.train.grad_accum == global_batch
+
+
+# ---------------------------------------------------------------- image and docs
+
+
+def test_dockerfile_installs_the_pinned_torch_and_deepspeed():
+    dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
+    assert set(re.findall(r"torch==([\w.]+)", dockerfile)) == {pin("torch")}
+    assert "--index-url \"https://download.pytorch.org/whl/${TORCH_CUDA}\"" in dockerfile  # the CUDA build
+    setup_sh = (INFRA / "setup.sh").read_text()
+    assert set(re.findall(r"deepspeed==([\w.]+)", dockerfile)) == set(re.findall(r"deepspeed==([\w.]+)", setup_sh)) != set()
+    assert ".venv" in (PROJECT_ROOT / ".dockerignore").read_text().split()  # no local venv in the context
+
+
+@pytest.mark.parametrize("folder", ["configs", "deepspeed", "docker", "kuberay"])
+def test_each_folder_has_a_readme_naming_its_files(folder):
+    readme = (INFRA / folder / "README.md").read_text()
+    files = [p.name for p in (INFRA / folder).iterdir() if p.name != "README.md"]
+    assert files and [f for f in files if f"`{f}`" not in readme] == []

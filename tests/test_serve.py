@@ -1,0 +1,381 @@
+"""The Serve app over real HTTP on loopback: a tiny decoder trained in this session and registered
+in a real MLflow store, the app on the session's Ray cluster, httpx and the official openai client.
+
+One app serves the whole module (auth on: every client sends the token); the load and replica
+kill tests are `slow`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import time
+
+import httpx
+import pytest
+from conftest import _free_port
+from trained_decoder import DECODER_MODEL, trained_decoder
+
+from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
+
+TOKEN = "test-token-7f3a"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+APP = "latentqa-test"
+DIALOG = [{"role": "user", "content": "Please talk like a pirate from now on."}]
+MULTI_TURN = [
+    {"role": "system", "content": "You are a cheerful baker."},
+    {"role": "user", "content": "What should I make today?"},
+    {"role": "assistant", "content": "Fresh bread, of course!"},
+    {"role": "user", "content": "And for dessert?"},
+]
+
+
+@pytest.fixture(scope="session")
+def decoder(tmp_path_factory):
+    return trained_decoder(tmp_path_factory.getbasetemp() / "trained-decoder")
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster, decoder):
+    """The app on a free loopback port: two model replicas, adapters multiplexed (at most 2 each)."""
+    from ray import serve
+
+    from latentqa_platform.serving import ServeSettings
+    from serve.app import Gateway, LatentQAModel, Steering, application
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    settings = ServeSettings(
+        decoders={"tiny": decoder.registry_uri, "local": str(decoder.folder)},
+        mlflow=decoder.mlflow_settings(),
+        max_adapters_per_replica=2,
+        max_turn_tokens=64,
+    )
+    app = application(
+        settings,
+        model=LatentQAModel.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}),
+        steering=Steering.options(ray_actor_options={"num_cpus": 0.5}),
+        gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}),
+    )
+    serve.run(app, name=APP, route_prefix="/", blocking=False)
+    url = f"http://127.0.0.1:{port}"
+    _wait_healthy(url)
+    try:
+        yield url
+    finally:
+        serve.shutdown()
+
+
+def _wait_healthy(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    with httpx.Client(base_url=app, headers=AUTH, timeout=120) as c:
+        yield c
+
+
+# ---------------------------------------------------------------- endpoints
+
+
+def test_health_and_openapi(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    paths = client.get("/openapi.json").json()["paths"]
+    for path in ("/v1/read", "/v1/score", "/v1/chat/completions", "/v1/controls", "/v1/controls/{job_id}", "/v1/decoders"):
+        assert path in paths
+
+
+def test_decoders_lists_configured_and_registered(client):
+    body = client.get("/v1/decoders").json()
+    assert body["default"] == "tiny"
+    names = {row["name"]: row for row in body["decoders"]}
+    assert names["tiny"]["kind"] == "configured" and names["local"]["kind"] == "configured"
+    assert names[DECODER_MODEL]["aliases"] == ["champion"]
+
+
+def test_read_multi_turn_dialogs_and_choices_per_request(client, decoder):
+    questions = ["What persona will the assistant adopt?", "What is the assistant doing?"]
+    body = {"dialogs": [DIALOG, MULTI_TURN], "questions": questions, "max_new_tokens": 8}
+    out = client.post("/v1/read", json=body)
+    assert out.status_code == 200, out.text
+    data = out.json()
+    assert data["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}"  # the alias, resolved
+    assert data["read_layer"] == 1  # the layer the decoder was trained at
+    assert [[a["question"] for a in row] for row in data["results"]] == [questions, questions]
+    assert all(isinstance(a["answer"], str) for row in data["results"] for a in row)
+    # The same registered decoder by version, through a local folder, and at another layer.
+    by_version = client.post("/v1/read", json={**body, "decoder": f"{DECODER_MODEL}/{decoder.version}"}).json()
+    local = client.post("/v1/read", json={**body, "decoder": "local"}).json()
+    assert by_version["results"] == data["results"] == local["results"]  # one adapter, three ways to name it
+    other = client.post("/v1/read", json={**body, "read_layer": 0})
+    assert other.status_code == 200 and other.json()["read_layer"] == 0
+
+
+def test_score_ranks_candidates_best_first(client):
+    candidates = ["The assistant is a pirate.", "The assistant is a baker.", "Nothing."]
+    out = client.post("/v1/score", json={"dialog": DIALOG, "question": "Who is the assistant?", "candidates": candidates})
+    assert out.status_code == 200, out.text
+    ranked = out.json()["ranked"]
+    assert sorted(r["answer"] for r in ranked) == sorted(candidates)
+    assert [r["loss"] for r in ranked] == sorted(r["loss"] for r in ranked)
+
+
+# ---------------------------------------------------------------- errors and limits
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/v1/read", {"dialogs": [DIALOG], "questions": []}, 422, "body.questions"),
+        ("/v1/read", {"dialogs": [DIALOG] * 17, "questions": ["Q?"]}, 422, "body.dialogs"),
+        ("/v1/read", {"dialogs": [[{"role": "user"}]], "questions": ["Q?"]}, 422, "body.dialogs.0.0.content"),
+        ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "max_new_tokens": 100000}, 422, "body.max_new_tokens"),
+        ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "read_layer": 99}, 422, "body.read_layer"),
+        ("/v1/read", {"dialogs": [[{"role": "user", "content": "word " * 200}]], "questions": ["Q?"]}, 422,
+         "body.dialogs.0.0.content"),
+        ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "decoder": "nope"}, 404, "body.decoder"),
+        ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "decoder": "../../etc/passwd"}, 404, "body.decoder"),
+        ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "decoder": f"{DECODER_MODEL}/99"}, 404, "body.decoder"),
+        ("/v1/score", {"dialog": DIALOG, "question": "Q?", "candidates": ["a"] * 33}, 422, "body.candidates"),
+        ("/v1/chat/completions", {"model": "target", "messages": DIALOG, "max_tokens": 5000}, 422, "body.max_tokens"),
+        ("/v1/chat/completions", {"model": "target", "messages": DIALOG, "n": 3}, 422, "body.n"),
+        ("/v1/chat/completions", {"model": "no-such-control", "messages": DIALOG}, 404, "body.model"),
+        ("/v1/chat/completions", {"model": f"{DECODER_MODEL}/1", "messages": DIALOG}, 404, "body.model"),  # a decoder
+        ("/v1/controls", {"name": "Bad Name!", "qa": [["q", "a"]]}, 422, "body.name"),
+        ("/v1/controls", {"name": "x", "qa": [["q", "a"]], "instruction": "Be a pirate."}, 422, "body"),
+        ("/v1/controls", {"name": "x", "qa": [["q", "a"]], "steps": 10_000}, 422, "body.steps"),
+    ],
+)
+def test_bad_requests_get_4xx_naming_the_field(client, path, body, status, field):
+    out = client.post(path, json=body)
+    assert out.status_code == status, out.text
+    assert field in out.json()["message"], out.text
+
+
+def test_unknown_control_job_is_404(client):
+    for job_id in ("0" * 32, "not-a-run-id", "..%2F..%2Fmlflow.db"):
+        out = client.get(f"/v1/controls/{job_id}")
+        assert out.status_code == 404 and out.json()["message"], out.text
+
+
+def test_auth_rejects_missing_and_wrong_tokens(app):
+    body = {"dialogs": [DIALOG], "questions": ["Q?"]}
+    assert httpx.post(f"{app}/v1/read", json=body, timeout=30).status_code == 401
+    wrong = httpx.post(f"{app}/v1/read", json=body, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+    assert httpx.get(f"{app}/v1/decoders", timeout=30).status_code == 401
+    assert httpx.get(f"{app}/healthz", timeout=30).status_code == 200  # probes need no token
+
+
+# ---------------------------------------------------------------- OpenAI client, controls
+
+
+def _openai(app):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{app}/v1", api_key=TOKEN, max_retries=0, timeout=120)
+
+
+def test_openai_client_plain_and_streamed(app):
+    oai = _openai(app)
+    prompt = [{"role": "user", "content": "What should I cook for dinner tonight?"}]
+    plain = oai.chat.completions.create(model="target", messages=prompt, max_tokens=12, temperature=0)
+    text = plain.choices[0].message.content
+    assert isinstance(text, str) and plain.usage.completion_tokens > 0
+    assert plain.choices[0].finish_reason in ("stop", "length")
+    chunks = list(oai.chat.completions.create(model="target", messages=prompt, max_tokens=12, temperature=0, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert streamed.strip() == text.strip()  # greedy: the stream says what the plain call said
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+    sampled = oai.chat.completions.create(model="target", messages=prompt, max_tokens=12, temperature=1.0, seed=3)
+    assert isinstance(sampled.choices[0].message.content, str)
+    from openai import AuthenticationError, OpenAI
+
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{app}/v1", api_key="wrong", max_retries=0).chat.completions.create(model="target", messages=prompt)
+
+
+@pytest.fixture(scope="module")
+def pirate_job(client):
+    """A control job from the project's pirate control, polled to the end."""
+    qa = json.loads((CONTROLS_DIR / "pirate.json").read_text())["qa"]
+    started = client.post("/v1/controls", json={"name": "pirate", "qa": qa, "steps": 30, "lr": 3e-3})
+    assert started.status_code == 202, started.text
+    job = started.json()
+    assert job["status"] in ("queued", "running") and job["steps"] == 30
+    seen = [job]
+    deadline = time.monotonic() + 300
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+        job = client.get(f"/v1/controls/{job['id']}").json()
+        seen.append(job)
+    return job, seen
+
+
+def test_control_job_reports_progress_and_registers_an_adapter(pirate_job, decoder):
+    from mlflow.tracking import MlflowClient
+
+    job, seen = pirate_job
+    assert job["status"] == "succeeded", job
+    assert job["progress"] == 1.0 and job["step"] == 30 and job["loss"] is not None
+    assert job["adapter"].startswith("latentqa-control-pirate/")
+    name, version = job["adapter"].split("/")
+    registered = MlflowClient(decoder.tracking_uri).get_model_version(name, version)
+    assert registered.tags["latentqa.kind"] == "control"
+    progress = [j["progress"] for j in seen]
+    assert progress == sorted(progress)
+
+
+def test_steered_model_over_the_openai_client(app, pirate_job):
+    job, _ = pirate_job
+    oai = _openai(app)
+    prompts = json.loads((PROJECT_ROOT / "datasets" / "prompts" / "steer.json").read_text())["heldout"][:3]
+
+    def replies(model: str) -> list[str]:
+        return [oai.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=8,
+                                            temperature=0).choices[0].message.content for p in prompts]  # fmt: skip
+
+    target, steered = replies("target"), replies(job["adapter"])
+    assert steered != target  # the control changes the target's replies
+    assert replies("target") == target  # and leaves the plain target alone
+    listed = [m.id for m in oai.models.list().data]
+    assert "target" in listed and job["adapter"] in listed
+    streamed = oai.chat.completions.create(model=job["adapter"], messages=[{"role": "user", "content": prompts[0]}],
+                                           max_tokens=8, temperature=0, stream=True)  # fmt: skip
+    assert "".join(c.choices[0].delta.content or "" for c in streamed).strip() == steered[0].strip()
+
+
+def test_control_from_an_instruction(client):
+    started = client.post("/v1/controls", json={"name": "pirate-read", "instruction": "Talk like a pirate.", "steps": 2})
+    assert started.status_code == 202, started.text
+    job = started.json()
+    deadline = time.monotonic() + 300
+    while job["status"] in ("queued", "running") and time.monotonic() < deadline:
+        time.sleep(1)
+        job = client.get(f"/v1/controls/{job['id']}").json()
+    assert job["status"] == "succeeded", job
+    assert job["adapter"].startswith("latentqa-control-pirate-read/")
+
+
+# ---------------------------------------------------------------- load and failure
+
+
+async def _load(app: str, total: int, concurrency: int, on_half=None) -> tuple[list[float], list[str]]:
+    """`total` reads, `concurrency` at a time; returns latencies of successes and the failures."""
+    latencies, failures = [], []
+    queue = asyncio.Queue()
+    for i in range(total):
+        queue.put_nowait(i)
+    body = {"dialogs": [DIALOG], "questions": ["What persona will the assistant adopt?"], "max_new_tokens": 6}
+
+    async def worker(http: httpx.AsyncClient):
+        while not queue.empty():
+            i = queue.get_nowait()
+            if on_half and i == total // 2:
+                await asyncio.to_thread(on_half)
+            start = time.perf_counter()
+            try:
+                out = await http.post("/v1/read", json=body)
+                if out.status_code == 200 and len(out.json()["results"][0]) == 1:
+                    latencies.append(time.perf_counter() - start)
+                else:
+                    failures.append(f"{out.status_code}: {out.text[:200]}")
+            except httpx.HTTPError as err:  # no answer at all: counted, and the kill test forbids it
+                failures.append(f"no response: {err!r}")
+
+    async with httpx.AsyncClient(base_url=app, headers=AUTH, timeout=120) as http:
+        await asyncio.gather(*(worker(http) for _ in range(concurrency)))
+    return latencies, failures
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+@pytest.mark.slow
+def test_load_200_reads_16_concurrent(app):
+    started = time.perf_counter()
+    latencies, failures = asyncio.run(_load(app, 200, 16))
+    wall = time.perf_counter() - started
+    print(f"\nload: 200 reads, 16 concurrent, {wall:.1f}s: p50 {_percentile(latencies, 50) * 1000:.0f} ms, "
+          f"p95 {_percentile(latencies, 95) * 1000:.0f} ms, errors {len(failures)}")  # fmt: skip
+    assert failures == [] and len(latencies) == 200
+
+
+@pytest.mark.slow
+def test_killing_a_replica_mid_load_loses_nothing_unreported(app):
+    """Every request is either answered or reported failed; the app then serves again."""
+    import ray
+    from ray import serve
+
+    def kill_one_model_replica():
+        status = serve.status().applications[APP].deployments["LatentQAModel"]
+        assert status.status.value == "HEALTHY"
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LatentQAModel" in a["name"]]
+        ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
+
+    latencies, failures = asyncio.run(_load(app, 60, 8, on_half=kill_one_model_replica))
+    print(f"\nkill: {len(latencies)} answered, {len(failures)} reported failed: {failures[:3]}")
+    # Every request got an HTTP answer; only those in flight on the killed replica (at most the
+    # concurrency) may fail, and they fail with a status, not silence.
+    assert len(latencies) + len(failures) == 60
+    assert len(failures) <= 8 and not any(f.startswith("no response") for f in failures), failures
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # Serve replaces the replica
+        deployment = serve.status().applications[APP].deployments["LatentQAModel"]
+        if deployment.status.value == "HEALTHY":
+            break
+        time.sleep(1)
+    after, after_failures = asyncio.run(_load(app, 16, 4))
+    assert after_failures == [] and len(after) == 16
+
+
+@pytest.mark.slow
+def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
+    """`serve deploy` of serve/config.yaml (as a second app beside the test app: the test cluster
+    already serves HTTP, and its decoder lives in this session's MLflow store)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from ray import serve
+
+    config = yaml.safe_load((PROJECT_ROOT / "serve" / "config.yaml").read_text())
+    for key in ("proxy_location", "http_options"):
+        config.pop(key)
+    [application] = config["applications"]
+    application.update(name="deployed", route_prefix="/deployed")
+    application["args"].update(decoders={"tiny": decoder.registry_uri}, mlflow=decoder.mlflow_settings())
+    for deployment in application["deployments"]:
+        deployment["ray_actor_options"]["num_cpus"] = 0.25
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = 1
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    proc = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address", ray_cluster.dashboard],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and serve.status().applications.get("deployed", None) is None or \
+                serve.status().applications["deployed"].status.value not in ("RUNNING", "DEPLOY_FAILED"):  # fmt: skip
+            time.sleep(2)
+        status = serve.status().applications["deployed"]
+        assert status.status.value == "RUNNING", status
+        out = httpx.post(f"{app}/deployed/v1/read", json={"dialogs": [DIALOG], "questions": ["Who?"], "max_new_tokens": 4}, timeout=60)
+        assert out.status_code == 200 and out.json()["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}", out.text
+    finally:
+        serve.delete("deployed")
