@@ -157,8 +157,10 @@ def train_loop_per_worker(ctx: dict) -> None:
     fit(strategy, epoch_batches, ctx["steps_per_epoch"], train, config.patch, progress,
         run_eval if ctx["has_eval"] else None, on_step)  # fmt: skip
     final = run_eval() if ctx["has_eval"] else {}
-    if run and final:
-        tracking.log_metrics(run, {f"final/{k.split('/', 1)[1]}": v for k, v in final.items()}, progress.step)
+    if final:
+        progress.history[-1].update(final)  # the curves end at the last step
+        if run:
+            tracking.log_metrics(run, {f"final/{k.split('/', 1)[1]}": v for k, v in final.items()}, progress.step)
     last = progress.history[-1] if progress.history else {}
     save_and_report({**{k: v for k, v in last.items() if k != "step"}, **final, "final": 1},
                     f"checkpoint_{progress.step:06d}_final")  # fmt: skip
