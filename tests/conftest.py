@@ -142,7 +142,7 @@ def session_for(model_dir: Path, **overrides):
 # ---------------------------------------------------------------- one Ray cluster per session
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -160,7 +160,7 @@ def ray_cluster():
     (2 train workers at 0.5 CPU leave Ray Data room, see PLATFORM-NOTES)."""
     import ray
 
-    port = _free_port()
+    port = free_port()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")  # local test cluster: no token for job submit
         context = ray.init(
@@ -174,3 +174,27 @@ def ray_cluster():
             yield Cluster(context.address_info["gcs_address"], f"http://127.0.0.1:{port}")
         finally:
             ray.shutdown()
+
+
+def job_env(cluster: Cluster) -> dict[str, str]:
+    """The environment of a job's driver or `ray job submit` against the session's cluster."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return {**env, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
+
+
+def tail(proc) -> str:
+    """A finished job's output, for assertion messages."""
+    return (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]).strip()
+
+
+def import_job(name: str):
+    """`jobs/<name>.py` imported as a module (its config parsing and `main`)."""
+    import importlib.util
+    import sys
+
+    module_name = f"latentqa_job_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, PROJECT_ROOT / "jobs" / f"{name}.py")
+        sys.modules[module_name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[module_name])
+    return sys.modules[module_name]

@@ -3,14 +3,13 @@ cluster, with the tiny decoder trained and registered in this session (tests/tra
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import import_job, job_env, tail
 from trained_decoder import trained_decoder
 
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
@@ -35,26 +34,13 @@ def submit(cluster, decoder, job: str, *args: str) -> subprocess.CompletedProces
     No `--working-dir`: the project is installed in the cluster's Python, and resubmitting an
     identical working-dir package lets Ray drop it from the GCS while a later job still needs it
     ("Failed to download runtime_env file package"), which these repeated submissions would hit."""
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_ADDRESS=cluster.address)
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
         "--", sys.executable, str(PROJECT_ROOT / "jobs" / job),
         "--mlflow.tracking_uri", decoder.tracking_uri, "--mlflow.artifact_location", decoder.artifact_location,
         "--train.output_dir", str(decoder.root / "job-runs"), *args,
     ]  # fmt: skip
-    return subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=500)
-
-
-def _job_module(job: str):
-    spec = importlib.util.spec_from_file_location(f"latentqa_job_{job[:-3]}", PROJECT_ROOT / "jobs" / job)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def _tail(proc) -> str:
-    return (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-4000:]).strip()
+    return subprocess.run(command, cwd=PROJECT_ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=500)
 
 
 def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_path, capsys):
@@ -64,7 +50,7 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     args = ["--input", str(source), "--output", str(out), "--decoder", decoder.registry_uri, "--shard-size", "2",
             "--question", "What persona will the assistant adopt?", "--max-new-tokens", "6"]  # fmt: skip
     first = submit(ray_cluster, decoder, "read.py", *args)
-    assert first.returncode == 0, _tail(first)
+    assert first.returncode == 0, tail(first)
     shards = sorted(out.glob("shard-*.jsonl"))
     assert [s.name for s in shards] == ["shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]
     rows = [json.loads(line) for s in shards for line in s.read_text().splitlines()]
@@ -74,13 +60,13 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     kept = {s.name: s.stat().st_mtime_ns for s in shards if s.name != "shard-00001.jsonl"}
     (out / "shard-00001.jsonl").unlink()
     again = submit(ray_cluster, decoder, "read.py", *args)
-    assert again.returncode == 0, _tail(again)
-    assert "1 to read, 2 already done" in again.stdout, _tail(again)
+    assert again.returncode == 0, tail(again)
+    assert "1 to read, 2 already done" in again.stdout, tail(again)
     assert {s.name: s.stat().st_mtime_ns for s in out.glob("shard-*.jsonl") if s.name in kept} == kept
     assert [json.loads(l)["id"] for l in (out / "shard-00001.jsonl").read_text().splitlines()] == ["d2", "d3"]
     # Checked before Ray is contacted (so in process here): another job against the same folder
     # is refused, and a bad line is named.
-    job = _job_module("read.py")
+    job = import_job("read")
     assert job.run_main(lambda: job.main([*args[:-2], "--max-new-tokens", "9"])) == 2
     assert "holds the shards of a different job" in capsys.readouterr().err
     source.write_text(source.read_text() + json.dumps({"messages": [{"role": "user"}]}) + "\n")
@@ -94,8 +80,8 @@ def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, deco
 
     proc = submit(ray_cluster, decoder, "control.py", "--control", str(CONTROLS_DIR / "veganism.json"), "--decoder",
                   decoder.registry_uri, "--steer.steps", "20", "--steer.lr", "3e-3", "--heldout", "2")  # fmt: skip
-    assert proc.returncode == 0, _tail(proc)
-    assert "registered control adapter latentqa-control-veganism/" in proc.stdout, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
+    assert "registered control adapter latentqa-control-veganism/" in proc.stdout, tail(proc)
     rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{"prompt"')]
     assert len(rows) == 2 and all(set(r) == {"prompt", "target", "steered"} for r in rows)
     client = MlflowClient(decoder.tracking_uri)
@@ -109,7 +95,7 @@ def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     from mlflow.tracking import MlflowClient
 
     proc = submit(ray_cluster, decoder, "evaluate.py", "--decoder", decoder.registry_uri)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"loss_true"')][0])
     assert result["activation_gain"] == pytest.approx(result["loss_shuffled"] - result["loss_true"])
     metrics = MlflowClient(decoder.tracking_uri).get_run(decoder.run_id).data.metrics

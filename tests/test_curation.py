@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import _free_port
+from conftest import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from test_serve import TOKEN, app, decoder  # noqa: F401  the Serve app's fixtures, reused as they are
@@ -83,7 +83,7 @@ class ScriptedLLM:
                 with self.lock:
                     self.in_flight -= 1
 
-        self.port = _free_port()
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -15,7 +15,7 @@ import time
 
 import httpx
 import pytest
-from conftest import _free_port
+from conftest import free_port
 from trained_decoder import DECODER_MODEL, trained_decoder
 
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
@@ -45,7 +45,7 @@ def app(ray_cluster, decoder):
     from latentqa_platform.serving import ServeSettings
     from serve.app import Gateway, LatentQAModel, Steering, application
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(
         decoders={"tiny": decoder.registry_uri, "local": str(decoder.folder)},

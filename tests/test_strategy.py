@@ -10,7 +10,6 @@ import contextlib
 import gc
 import logging
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import free_port
 from latentqa.models import decoder_blocks
 from latentqa.strategy import Strategy, StrategyConfig
 
@@ -268,12 +268,6 @@ def _worker(rank: int, kind: str, port: int, out: Path) -> None:
 # ---------------------------------------------------------------- running and checking
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 _RESULTS: dict[str, dict] = {}
 
 
@@ -289,7 +283,7 @@ def _result(kind: str, tmp_path_factory: pytest.TempPathFactory) -> dict:
             finally:
                 torch.set_num_threads(threads)
         else:
-            mp.spawn(_worker, args=(kind, _free_port(), out), nprocs=WORLD, join=True)
+            mp.spawn(_worker, args=(kind, free_port(), out), nprocs=WORLD, join=True)
             result = torch.load(out / "result.pt", weights_only=False)
         _RESULTS[kind] = {**result, "out": out}
     return _RESULTS[kind]
@@ -423,7 +417,7 @@ def test_zero3_loads_pretrained_weights_partitioned(tmp_path):
     checkpoint = tmp_path / "pretrained"
     load_base(model_config).save_pretrained(checkpoint)
     load_tokenizer(model_config).save_pretrained(checkpoint)
-    mp.spawn(_zero3_loading_worker, args=(_free_port(), checkpoint, tmp_path), nprocs=WORLD, join=True)
+    mp.spawn(_zero3_loading_worker, args=(free_port(), checkpoint, tmp_path), nprocs=WORLD, join=True)
     result = torch.load(tmp_path / "zero3_loading.pt", weights_only=False)
     assert result[False]["loaded_numel"] > 0 and result[True]["loaded_numel"] == 0
     assert result[True]["losses"] == pytest.approx(result[False]["losses"], abs=1e-6)

@@ -8,9 +8,7 @@ within a few minutes on 2 cores; their results are cached and compared across st
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cluster
+from conftest import Cluster, import_job, job_env, tail
 
 from latentqa.config import ConfigError
 from latentqa.data import DatasetSpec, load_examples
@@ -34,25 +32,10 @@ TINY = [
 ]  # fmt: skip
 
 
-def _job_module():
-    """jobs/train.py imported as a module (its config parsing and `main`)."""
-    name = "latentqa_train_job"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, JOB)
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-def _env(cluster: Cluster) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return {**env, "RAY_ADDRESS": cluster.address, "RAY_AUTH_MODE": "disabled", "RAY_DEDUP_LOGS": "0"}
-
-
 def run_job(cluster: Cluster, out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(JOB), "--train.output_dir", str(out), *args],
-        cwd=PROJECT_ROOT, env=_env(cluster), capture_output=True, text=True, timeout=timeout,
+        cwd=PROJECT_ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
 
 
@@ -61,15 +44,11 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]  # not the step-0 eval
 
 
-def _tail(proc: subprocess.CompletedProcess) -> str:
-    return (proc.stdout[-4000:] + "\n--- stderr ---\n" + proc.stderr[-6000:]).strip()
-
-
 # ---------------------------------------------------------------- fast: config and data
 
 
 def test_config_is_validated_before_anything_starts(tmp_path):
-    job = _job_module()
+    job = import_job("train")
     config, settings, strategy = job.parse_args(["--ray.num_workers", "3", "--train.lr", "3e-5"])
     assert (settings.ray.num_workers, settings.ray.cpus_per_worker, config.train.lr) == (3, 0.5, 3e-5)
     assert strategy.kind == "ddp" and strategy.grad_accum_steps == config.train.grad_accum
@@ -141,8 +120,8 @@ def test_malformed_data_fails_before_training(ray_cluster, tmp_path):
     records[3]["label"] = 7
     (folder / "stimulus.json").write_text(json.dumps(records))
     proc = run_job(ray_cluster, tmp_path / "runs", "--data.train.path", str(folder), "--train.run_name", "bad")
-    assert proc.returncode == 2, _tail(proc)
-    assert f"{folder / 'stimulus.json'}: record 3: field 'label'" in proc.stderr, _tail(proc)
+    assert proc.returncode == 2, tail(proc)
+    assert f"{folder / 'stimulus.json'}: record 3: field 'label'" in proc.stderr, tail(proc)
     assert "TrainController" not in proc.stdout + proc.stderr  # no worker ever started
     assert not (tmp_path / "runs" / "bad").exists()
 
@@ -172,10 +151,10 @@ def fsdp_run(ray_cluster, tmp_path_factory):
 @pytest.mark.slow
 def test_resume_continues_at_the_right_step(ddp_run):
     stopped, resumed, run_dir = ddp_run["stopped"], ddp_run["resumed"], ddp_run["run_dir"]
-    assert stopped.returncode == 1, _tail(stopped)
+    assert stopped.returncode == 1, tail(stopped)
     assert f"fail_after_step={CHECKPOINT_AT}" in stopped.stdout + stopped.stderr
-    assert resumed.returncode == 0, _tail(resumed)
-    assert f"checkpoint_{CHECKPOINT_AT:06d} at step {CHECKPOINT_AT} " in resumed.stdout, _tail(resumed)
+    assert resumed.returncode == 0, tail(resumed)
+    assert f"checkpoint_{CHECKPOINT_AT:06d} at step {CHECKPOINT_AT} " in resumed.stdout, tail(resumed)
     assert [step for step, _ in _losses(run_dir)] == list(range(1, STEPS + 1))
     assert (run_dir / f"checkpoint_{STEPS:06d}_final" / "progress.json").exists()
 
@@ -184,7 +163,7 @@ def test_resume_continues_at_the_right_step(ddp_run):
 def test_ddp_trains_and_saves_a_peft_decoder(ddp_run):
     import safetensors.torch
 
-    assert ddp_run["resumed"].returncode == 0, _tail(ddp_run["resumed"])
+    assert ddp_run["resumed"].returncode == 0, tail(ddp_run["resumed"])
     losses = [loss for _, loss in _losses(ddp_run["run_dir"])]
     assert losses[-1] < losses[0] - 0.05, losses
     decoder = ddp_run["run_dir"] / "decoder"
@@ -193,7 +172,7 @@ def test_ddp_trains_and_saves_a_peft_decoder(ddp_run):
     assert keys and all("lora_" in k for k in keys)
     # The held-out dialog is read with the new decoder and the answers printed.
     out = ddp_run["resumed"].stdout
-    assert "held-out dialog:" in out and out.count("  A: ") == 2, _tail(ddp_run["resumed"])
+    assert "held-out dialog:" in out and out.count("  A: ") == 2, tail(ddp_run["resumed"])
 
 
 @pytest.mark.slow
@@ -238,7 +217,7 @@ def test_fsdp_matches_ddp(ddp_run, fsdp_run):
     resume continued with the very batches, weights, optimizer state and dropout it stopped at."""
     import safetensors.torch
 
-    assert fsdp_run["proc"].returncode == 0, _tail(fsdp_run["proc"])
+    assert fsdp_run["proc"].returncode == 0, tail(fsdp_run["proc"])
     ddp, fsdp = _losses(ddp_run["run_dir"]), _losses(fsdp_run["run_dir"])
     assert fsdp[0] == pytest.approx(ddp[0], abs=1e-5)
     assert [loss for _, loss in fsdp] == pytest.approx([loss for _, loss in ddp], abs=1e-4)
@@ -263,11 +242,11 @@ def test_ray_job_submit_runs_deepspeed_zero3_end_to_end(ray_cluster, ddp_run, tm
         "--train.max_steps", "2", "--train.eval_every", "0",
     ]  # fmt: skip
     for _ in range(3):  # the dashboard's job agent may still be starting: it says to retry
-        proc = subprocess.run(command, cwd=PROJECT_ROOT, env=_env(ray_cluster), capture_output=True, text=True, timeout=500)
+        proc = subprocess.run(command, cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=500)
         if "No available agent to submit job" not in proc.stderr:
             break
         time.sleep(10)
-    assert proc.returncode == 0, _tail(proc)
+    assert proc.returncode == 0, tail(proc)
     assert "succeeded" in proc.stdout + proc.stderr
     assert (out / "zero3" / "decoder" / "adapter_model.safetensors").exists()
     assert "held-out dialog:" in proc.stdout
