@@ -73,6 +73,8 @@ class LatentQAModel:
         from latentqa.session import LatentQA
 
         self.work = None
+        self.reads_in_flight = 0
+        self.last_batch_size = 0
         self.settings = ServeSettings.model_validate(settings)
         uri = self.settings.tracking_uri()
         self.catalogs = {
@@ -149,11 +151,20 @@ class LatentQAModel:
         adapter = await self._current() or self.default
         layer = adapter.read_layer if read_layer is None else read_layer
         self._check(dialogs, "dialogs", layer)
-        return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
+        # Wait for company only where there is some: other reads in flight, or a last batch of
+        # several (their clients are about to send again). A lone client's read starts at once.
+        concurrent = self.reads_in_flight > 0 or self.last_batch_size > 1
+        self.read_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s if concurrent else 0.0)
+        self.reads_in_flight += 1
+        try:
+            return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
+        finally:
+            self.reads_in_flight -= 1
 
     async def _read_many(self, jobs: list[ReadJob]) -> list[list[list[str]]]:
         """One engine `read` per (decoder, layer, length) group of the batch: the target pass is
         shared by every dialog of the group."""
+        self.last_batch_size = len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[(job.adapter.peft_name, job.read_layer, job.max_new_tokens)].append(i)

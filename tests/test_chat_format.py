@@ -102,3 +102,22 @@ def test_unsupported_templates_fail_clearly(family_tokenizers, template, message
     tokenizer = _with_template(family_tokenizers["llama3"], template)
     with pytest.raises(UnsupportedChatTemplate, match=message):
         Layout(ChatFormat(tokenizer)).example(Example(RECORDS["user"], "What?", "Pirate."), "train")
+
+
+def test_encode_matches_the_tokenizer_on_rendered_pieces(llama3_tokenizer, family_tokenizers):
+    """`encode` calls the Rust tokenizer directly (faster for a layout's short pieces); its ids
+    must be the wrapper's, special tokens included."""
+    for name, tokenizer in {"llama3-real": llama3_tokenizer, **family_tokenizers}.items():
+        fmt = ChatFormat(tokenizer)
+        text = fmt.render_text([{"role": "user", "content": "Ahoy, matey! Où est le trésor? 1234"}], add_generation_prompt=True)
+        pieces = [text[:7], text[7:40], text[40:], " ?", "?"]
+        assert fmt.encode(pieces) == tokenizer(pieces, add_special_tokens=False)["input_ids"], name
+
+
+def test_encode_never_truncates_even_when_the_tokenizer_file_does(family_tokenizers):
+    import copy
+
+    tokenizer = copy.deepcopy(family_tokenizers["llama3"])
+    tokenizer.backend_tokenizer.enable_truncation(max_length=3)  # as some tokenizer.json files ship
+    text = "A sentence that is certainly longer than three tokens."
+    assert len(ChatFormat(tokenizer).encode([text])[0]) > 3

@@ -43,6 +43,39 @@ def test_one_copy_of_the_base(sessions, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_plain_target_is_pefts_disable_adapter_and_keeps_requires_grad(sessions, arch):
+    """The engine's own adapters-off switch gives what PEFT's disable_adapter() gives, changes
+    no requires_grad (FSDP2 copies it per unshard), and turns the decoder back on after."""
+    lqa = sessions[arch]
+    peft = lqa.model.peft_model
+    batch = _batch(lqa)
+    lora_b = [p for name, p in peft.named_parameters() if "lora_B" in name]
+    saved = [p.detach().clone() for p in lora_b]
+
+    def logits():
+        return peft(input_ids=batch.read_ids, attention_mask=batch.read_attention).logits
+
+    grads = {name: p.requires_grad for name, p in peft.named_parameters()}
+    try:
+        with torch.no_grad():
+            for p in lora_b:  # a decoder that changes the output (lora_B starts at zero)
+                p.add_(0.05)
+            decoder = logits()
+            with peft.disable_adapter():
+                expected = logits()
+            assert not torch.allclose(decoder, expected)
+            with lqa.model.adapters.use(None):
+                plain = logits()
+                assert {name: p.requires_grad for name, p in peft.named_parameters()} == grads
+            torch.testing.assert_close(plain, expected)
+            torch.testing.assert_close(logits(), decoder)
+    finally:
+        with torch.no_grad():
+            for p, value in zip(lora_b, saved):
+                p.copy_(value)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_early_exit_matches_full_forward(sessions, arch):
     lqa = sessions[arch]
     batch = _batch(lqa)

@@ -357,7 +357,9 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
         config.pop(key)
     [application] = config["applications"]
     application.update(name="deployed", route_prefix="/deployed")
-    application["args"].update(decoders={"tiny": decoder.registry_uri}, mlflow=decoder.mlflow_settings())
+    # a batch wait far longer than any read here: a lone read on an idle replica must not pay it
+    application["args"].update(decoders={"tiny": decoder.registry_uri}, mlflow=decoder.mlflow_settings(),
+                               batch_wait_timeout_s=10.0)  # fmt: skip
     for deployment in application["deployments"]:
         deployment["ray_actor_options"]["num_cpus"] = 0.25
         deployment.pop("autoscaling_config", None)
@@ -375,7 +377,11 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
             time.sleep(2)
         status = serve.status().applications["deployed"]
         assert status.status.value == "RUNNING", status
-        out = httpx.post(f"{app}/deployed/v1/read", json={"dialogs": [DIALOG], "questions": ["Who?"], "max_new_tokens": 4}, timeout=60)
+        body = {"dialogs": [DIALOG], "questions": ["Who?"], "max_new_tokens": 4}
+        out = httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60)
         assert out.status_code == 200 and out.json()["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}", out.text
+        started = time.perf_counter()
+        httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60).raise_for_status()
+        assert time.perf_counter() - started < 5.0, "a lone read waited for a batch"
     finally:
         serve.delete("deployed")

@@ -72,6 +72,17 @@ class _Shape:
         return RenderedDialog("".join(text_parts), starts, spans, ends)
 
 
+def _plain_backend(tokenizer: PreTrainedTokenizerBase):
+    """The fast tokenizer's Rust tokenizer when calling it directly gives the same ids as the
+    Python wrapper (no truncation or padding configured), else None. For a layout's few short
+    pieces the wrapper's per-call set-up and the batch call's thread pool cost more than the
+    tokenising itself: half the layout's time (docs/benchmarks.md, "layout")."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return None
+    return backend
+
+
 class ChatFormat:
     """Everything the LatentQA layout needs to know about one tokenizer's chat format."""
 
@@ -81,6 +92,7 @@ class ChatFormat:
                 "the tokenizer has no chat_template; LatentQA renders dialogs with the target's template"
             )
         self.tokenizer = tokenizer
+        self._rust_tokenizer = _plain_backend(tokenizer)
         self.bos_text = self._discover_bos()
         self.bos_id = tokenizer.bos_token_id if self.bos_text else None
         self.pad_id = _pad_id(tokenizer)
@@ -188,6 +200,8 @@ class ChatFormat:
         """Token ids of text pieces; the template already holds the special tokens."""
         if not texts:
             return []
+        if self._rust_tokenizer is not None:  # a layout's few short pieces: see _plain_backend
+            return [self._rust_tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     # ----- discovery -------------------------------------------------------------------

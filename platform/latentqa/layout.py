@@ -139,11 +139,9 @@ class Layout:
         ids = [t for piece in pieces for t in piece]
         labels = None
         if mode != "generate":
-            labels = torch.full((len(ids),), IGNORE_INDEX, dtype=torch.long)
-            ids_tensor = torch.tensor(ids)
+            labels = [IGNORE_INDEX] * len(ids)
             for a, b in label_spans:
-                labels[at[a] : at[b]] = ids_tensor[at[a] : at[b]]
-            labels = labels.tolist()
+                labels[at[a] : at[b]] = ids[at[a] : at[b]]
         return WriteSide(ids, (at[placeholder[0]], at[placeholder[1]]), labels)
 
     # ----- examples --------------------------------------------------------------------

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -84,6 +85,7 @@ class AdapterSet:
         self.model = peft_model
         self.trainable = trainable
         self._train_decoder = DECODER in trainable
+        self._lora_layers: list[BaseTunerLayer] | None = None  # found again whenever adapters change
         self._enforce()
 
     @classmethod
@@ -111,12 +113,17 @@ class AdapterSet:
             self.trainable = {CONTROL}
         else:
             self.model.load_adapter(str(path), adapter_name=CONTROL, is_trainable=False)
-        self._enforce()
+        self._adapters_changed()
 
     def remove_control(self) -> None:
         """Drop the control adapter; the decoder becomes trainable again if it was."""
         self.model.delete_adapter(CONTROL)
         self.trainable = {DECODER} if self._train_decoder else set()
+        self._adapters_changed()
+
+    def _adapters_changed(self) -> None:
+        """Call after adding or deleting an adapter: the LoRA layers may have changed."""
+        self._lora_layers = None
         self._enforce()
 
     def _enforce(self) -> None:
@@ -127,12 +134,13 @@ class AdapterSet:
     def use(self, adapter: str | None) -> Iterator[None]:
         """Run with one adapter active, or with none (the plain target)."""
         if adapter is None:
-            with self.model.disable_adapter():
-                self._enforce()
+            with self._adapters_off():
                 yield
-            self._enforce()
             return
         previous = self.model.active_adapter
+        if adapter == previous:  # the usual case (the decoder, in training and reading): nothing to switch
+            yield
+            return
         self.model.set_adapter(adapter)
         self._enforce()
         try:
@@ -140,6 +148,24 @@ class AdapterSet:
         finally:
             self.model.set_adapter(previous)
             self._enforce()
+
+    @contextlib.contextmanager
+    def _adapters_off(self) -> Iterator[None]:
+        """The plain target: every LoRA layer's own off switch (the flag its forward reads), and
+        nothing else. PeftModel.disable_adapter() also walks every module twice, reprs them all
+        (get_model_status) and flips requires_grad, which under FSDP2 must then be undone on the
+        right copy (Strategy.disable_adapters): 14 ms per target pass on an 8-block model, and
+        more with every LoRA layer (docs/benchmarks.md). peft is pinned; tests/test_patching.py
+        checks this equals PEFT's disable_adapter()."""
+        if self._lora_layers is None:
+            self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
+        for layer in self._lora_layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer._disable_adapters = False
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -114,11 +114,12 @@ class SharedAdapters(AdapterSet):
 
     def load(self, folder: Path, name: str) -> None:
         self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
-        self._enforce()
+        self._adapters_changed()
 
     def unload(self, name: str) -> None:
         if name in self.model.peft_config:
             self.model.delete_adapter(name)
+            self._adapters_changed()
 
     def has(self, name: str) -> bool:
         return name in self.model.peft_config

@@ -71,7 +71,9 @@ class ServeSettings(_Strict):
     """Questions read under an instruction to build a control when a request gives no QA pairs."""
     max_adapters_per_replica: int = Field(4, ge=1)
     max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    """How long a read waits for others to batch with, only where there are some (reads in flight,
+    or a last batch of several); a lone client's read never waits."""
     max_turn_tokens: int = Field(512, ge=1)
     auth_token_env: str = "LATENTQA_API_TOKEN"
     """Bearer-token auth is on when this environment variable is set on the gateway replicas."""

@@ -1,0 +1,157 @@
+"""Benchmark the engine and the platform against their physical limits (docs/benchmarks.md).
+
+    python jobs/benchmark.py                                   # every figure, sized for a 2-core CPU
+    python jobs/benchmark.py --only read train_step --repeats 9
+    python jobs/benchmark.py --skip ray serve                  # engine figures only, no Ray
+    python jobs/benchmark.py --preset llama3-8b --device cuda  # one GPU: tokens/s, MFU, read latency, memory
+
+Every figure is a ratio of two things measured side by side in this process (or, for memory, in
+fresh subprocesses) on the same inputs, interleaved, as medians over `--repeats`. Writes
+`results.json`, `results.md` and `ratios.png` to `--output` (default runs/benchmarks/<timestamp>/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from latentqa.paths import OFFLINE_MODEL, RUNS_DIR
+from latentqa_platform import benchmarks as bm
+
+ENGINE = ["read", "train_step", "early_exit", "layout", "memory"]
+PLATFORM = ["ray", "serve"]
+ALL = ENGINE + PLATFORM
+
+
+def parse_args(argv: list[str] | None):
+    p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", nargs="+", choices=ALL, help="run only these benchmarks")
+    p.add_argument("--skip", nargs="+", choices=ALL, default=[], help="skip these benchmarks")
+    p.add_argument("--output", type=Path, help="output folder (default runs/benchmarks/<timestamp>/)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per timed figure")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads for the engine figures (default 1: on a shared machine more threads than free "
+                   "cores makes torch's spinning workers stall, and the noise swamps every ratio; 0: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (engine figures and the preset)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="engine model dtype")
+    g = p.add_argument_group("engine model (a random Llama)")
+    g.add_argument("--hidden", type=int, default=256)
+    g.add_argument("--layers", type=int, default=8)
+    g.add_argument("--intermediate", type=int, default=688)
+    g.add_argument("--heads", type=int, default=8)
+    g.add_argument("--kv-heads", type=int, default=4)
+    g.add_argument("--read-layer", type=int, default=3, help="L (must be < --layers)")
+    g.add_argument("--tokenizer", type=Path, default=OFFLINE_MODEL, help="tokenizer of the engine model")
+    g = p.add_argument_group("sizes")
+    g.add_argument("--questions", type=int, default=15)
+    g.add_argument("--new-tokens", type=int, default=64)
+    g.add_argument("--batch-size", type=int, default=8, help="train step / early exit batch")
+    g.add_argument("--layout-examples", type=int, default=300)
+    g.add_argument("--layout-data", type=Path, default=bm.PAPER_EVAL)
+    g.add_argument("--layout-tokenizer", type=Path, default=bm.LLAMA3_TOKENIZER)
+    g.add_argument("--memory-hidden", type=int, default=bm.MEMORY_DEFAULT.hidden)
+    g.add_argument("--memory-layers", type=int, default=bm.MEMORY_DEFAULT.layers)
+    g.add_argument("--memory-intermediate", type=int, default=bm.MEMORY_DEFAULT.intermediate)
+    g.add_argument("--memory-repeats", type=int, default=1, help="fresh subprocesses per setup")
+    g.add_argument("--ray-steps", type=int, default=20)
+    g.add_argument("--ray-repeats", type=int, default=3)
+    g.add_argument("--ray-threads", type=int, default=1)
+    g.add_argument("--serve-requests", type=int, default=20, help="requests per client (and p50 samples / repeat)")
+    g.add_argument("--serve-clients", type=int, default=16)
+    g.add_argument("--serve-repeats", type=int, default=3)
+    g.add_argument("--serve-new-tokens", type=int, default=8)
+    g = p.add_argument_group("GPU preset (replaces the figures above)")
+    g.add_argument("--preset", choices=["llama3-8b", "tiny"], help="llama3-8b: random Llama-3-8B in bf16")
+    g.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100/H200 bf16 dense: 989)")
+    return p.parse_args(argv)
+
+
+def engine_rows(args, names: list[str]) -> list[dict]:
+    rows = []
+    needs_model = {"read", "train_step", "early_exit"} & set(names)
+    if needs_model:
+        from latentqa.session import LatentQA
+
+        size = bm.ModelSize(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
+                            kv_heads=args.kv_heads)  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = bm.write_model_dir(size, bm._vocab(args.tokenizer), Path(tmp))
+            config = bm.engine_config(model_dir, args.tokenizer, args.read_layer, device=args.device,
+                                      dtype=args.dtype or "float32", batch_size=args.batch_size)  # fmt: skip
+            lqa = LatentQA.load(config, train_decoder=True)
+        if "early_exit" in names:
+            rows.append(report(bm.early_exit(lqa, args.repeats, args.batch_size)))
+        if "read" in names:
+            rows.append(report(bm.read_overhead(lqa, args.repeats, args.questions, args.new_tokens)))
+        if "train_step" in names:  # last: it trains the decoder
+            rows.append(report(bm.train_step_overhead(lqa, args.repeats, args.batch_size)))
+    if "layout" in names:
+        rows.append(report(bm.layout_throughput(args.repeats, args.layout_examples, args.layout_data, args.layout_tokenizer)))
+    if "memory" in names:
+        size = dataclasses.replace(bm.MEMORY_DEFAULT, hidden=args.memory_hidden, layers=args.memory_layers,
+                                   intermediate=args.memory_intermediate)  # fmt: skip
+        rows.append(report(bm.memory(args.memory_repeats, size)))
+    return rows
+
+
+def platform_rows(args, names: list[str]) -> list[dict]:
+    rows = []
+    bm.start_ray(num_cpus=4)
+    if "ray" in names:
+        from latentqa.config import load_config
+
+        config = load_config(overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}})
+        rows.append(report(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
+    if "serve" in names:
+        for r in bm.serve_benchmarks(args.serve_repeats, args.serve_requests, args.serve_clients, args.serve_new_tokens):
+            rows.append(report(r))
+    return rows
+
+
+def report(r: dict) -> dict:
+    print(f"{r['name']}: measured {bm._fmt(r['measured'])} vs baseline {bm._fmt(r['baseline'])} {r['unit']}, "
+          f"ratio {bm._fmt(r['ratio'])} (target {r['target']}: {bm._fmt(r['met'])})", flush=True)  # fmt: skip
+    return r
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = args.output or RUNS_DIR / "benchmarks" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    info = bm.machine()
+    command = " ".join([Path(sys.executable).name, "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.preset:
+        size = bm.LLAMA3_8B if args.preset == "llama3-8b" else bm.ModelSize(hidden=128, layers=4, intermediate=256, heads=4, kv_heads=2)
+        tokenizer = bm.LLAMA3_TOKENIZER if bm.LLAMA3_TOKENIZER.exists() else args.tokenizer
+        dtype = args.dtype or ("bfloat16" if args.preset == "llama3-8b" else "float32")
+        rows = [report(r) for r in bm.gpu_preset(size, args.device, args.repeats, tokenizer, read_layer=15,
+                                                  peak_tflops=args.peak_tflops, dtype=dtype)]  # fmt: skip
+    else:
+        names = [n for n in (args.only or ALL) if n not in args.skip]
+        rows = engine_rows(args, [n for n in names if n in ENGINE])
+        if any(n in PLATFORM for n in names):
+            rows += platform_rows(args, [n for n in names if n in PLATFORM])
+    elapsed = time.perf_counter() - started
+    result = {"command": command, "machine": info, "seconds": elapsed, "args": {k: str(v) for k, v in vars(args).items()},
+              "results": rows}  # fmt: skip
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    table = bm.markdown_table(rows)
+    (out / "results.md").write_text(f"# Benchmarks\n\n`{command}` in {elapsed:.0f} s on {json.dumps(info)}\n\n{table}\n")
+    picture = bm.plot(rows, out)
+    print(table)
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {picture}" if picture else "") + f" in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

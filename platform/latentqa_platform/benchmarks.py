@@ -1,0 +1,786 @@
+"""Benchmarks of the engine and the platform against their physical limits (issue #6).
+
+Every figure is a RATIO of two things measured side by side in the same process on the same
+inputs, interleaved (A, B, A, B, ...), reported as medians over repeats: the machine may be
+shared, so absolute times are noise, ratios much less so. Each function returns one row::
+
+    {"name", "measured", "baseline", "unit", "ratio", "target", "met", "details"}
+
+`ratio` is the median of the per-repeat ratios measured/baseline (each pair taken back to back).
+Engine benchmarks need no Ray; `ray_overhead` and `serve` import Ray lazily. `memory` runs each
+setup in a fresh subprocess (`python -m latentqa_platform.benchmarks memory-setup ...`) so peaks
+do not mix. `gpu_preset` is the one-shot GPU run (Llama-3-8B shaped, random weights, bf16).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT
+
+SHARED = PROJECT_ROOT.parent / "shared"
+LLAMA3_TOKENIZER = SHARED / "fixtures" / "tokenizers" / "llama-3-instruct"
+PAPER_EVAL = SHARED / "data" / "latentqa" / "eval"
+QUESTIONS = [
+    "What type of persona will the assistant adopt?",
+    "What is the assistant trying to do?",
+    "How does the assistant talk?",
+    "Please describe the assistant's goal.",
+    "What will the assistant do in its replies?",
+    "Who is the assistant pretending to be?",
+    "What tone will the assistant use?",
+    "Is the assistant being honest?",
+    "What does the user want?",
+    "What emotion is the assistant expressing?",
+    "What topic will the assistant focus on?",
+    "Will the assistant follow the user's instruction?",
+    "What style does the assistant write in?",
+    "What is special about the assistant's answers?",
+    "Describe the assistant in one sentence.",
+]
+DIALOG = [{"role": "user", "content": "Please act like a pirate captain from now on, and tell me about the sea."}]
+
+# ---------------------------------------------------------------- measurement helpers
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each fn, called in turn A, B, A, B, ... after `warmup` rounds."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync()
+            start = time.perf_counter()
+            fn()
+            _sync()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def paired_ratio(measured: list[float], baseline: list[float]) -> float:
+    return statistics.median(m / b for m, b in zip(measured, baseline))
+
+
+def row(name: str, measured: float, baseline: float, unit: str, ratio: float, target: str, met: bool | None, **details) -> dict:
+    return {"name": name, "measured": measured, "baseline": baseline, "unit": unit, "ratio": ratio,
+            "target": target, "met": met, "details": details}  # fmt: skip
+
+
+def _timed_row(name: str, times: dict[str, list[float]], limit: float | None, target: str, **details) -> dict:
+    (a, ta), (b, tb) = list(times.items())[:2]
+    ratio = paired_ratio(ta, tb)
+    return row(name, statistics.median(ta), statistics.median(tb), "s", ratio, target,
+               None if limit is None else ratio <= limit, measured_is=a, baseline_is=b,
+               repeats=len(ta), measured_all=ta, baseline_all=tb, **details)  # fmt: skip
+
+
+# ---------------------------------------------------------------- the benchmark model
+
+
+@dataclasses.dataclass
+class ModelSize:
+    """A random Llama; defaults are small enough for a 2-core CPU."""
+
+    hidden: int = 256
+    layers: int = 8
+    intermediate: int = 688
+    heads: int = 8
+    kv_heads: int = 4
+    vocab: int | None = None  # None: the tokenizer's size
+    tie_embeddings: bool = True
+    rope_theta: float = 500000.0
+    max_positions: int = 4096
+
+    def parameters(self, vocab: int) -> int:
+        head_dim = self.hidden // self.heads
+        attn = self.hidden * head_dim * (2 * self.heads + 2 * self.kv_heads)
+        mlp = 3 * self.hidden * self.intermediate
+        embed = vocab * self.hidden * (1 if self.tie_embeddings else 2)
+        return self.layers * (attn + mlp + 2 * self.hidden) + embed + self.hidden
+
+
+LLAMA3_8B = ModelSize(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256,
+                      tie_embeddings=False, max_positions=8192)  # fmt: skip
+MEMORY_DEFAULT = ModelSize(hidden=1024, layers=24, intermediate=2816, heads=16, kv_heads=8, vocab=32000)
+
+
+def write_model_dir(size: ModelSize, vocab: int, folder: Path) -> Path:
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        vocab_size=size.vocab or vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+        max_position_embeddings=size.max_positions, tie_word_embeddings=size.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta}, bos_token_id=0, eos_token_id=4,
+        pad_token_id=5,
+    ).save_pretrained(folder)  # fmt: skip
+    return folder
+
+
+def engine_config(model_dir: Path, tokenizer: Path, read_layer: int, device: str = "cpu", dtype: str = "float32", **train):
+    from latentqa.config import load_config
+
+    return load_config(overrides={
+        "model": {"path": str(model_dir), "tokenizer": str(tokenizer), "weights": "random", "device": device, "dtype": dtype},
+        "patch": {"read_layer": read_layer},
+        "data": {"train": {"path": str(OFFLINE_TRAIN)}, "eval": None},
+        "train": {"eval_every": 0, **train},
+    })  # fmt: skip
+
+
+def _vocab(tokenizer: Path) -> int:
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(tokenizer))
+
+
+def no_stop(lqa):
+    """The session with no stop tokens, so every read generates exactly max_new_tokens."""
+    fmt = copy.copy(lqa.chat_format)
+    fmt.stop_ids = set()
+    return dataclasses.replace(lqa, chat_format=fmt)
+
+
+def train_batch(lqa, batch_size: int, seed: int = 0):
+    import random
+
+    from latentqa.data import DatasetSpec, load_examples
+
+    examples = load_examples(DatasetSpec(path=OFFLINE_TRAIN))
+    random.Random(seed).shuffle(examples)
+    return lqa.collate(lqa.lay_out(examples[:batch_size], "train"))
+
+
+# ---------------------------------------------------------------- 1. read overhead
+
+
+def read_overhead(lqa, repeats: int, questions: int = 15, max_new_tokens: int = 64) -> dict:
+    """Patched read (one dialog x Q questions x T new tokens, the engine's `read`, layout
+    included) vs HF's KV-cached `generate` of the same decoder on the same write prompts."""
+    from latentqa.layout import LaidOutExample
+    from latentqa.models import DECODER
+    from latentqa.reading import dialog_to_read, read
+
+    lqa = no_stop(lqa)
+    qs = (QUESTIONS * (questions // len(QUESTIONS) + 1))[:questions]
+    read_side = lqa.layout.read_side(dialog_to_read(DIALOG))
+    n = read_side.patched_span[1] - read_side.patched_span[0]
+    batch = lqa.collate([LaidOutExample(read_side, lqa.layout.write_side(n, q, None, "generate")) for q in qs])
+    peft = lqa.model.peft_model
+    produced = {}
+
+    def patched_read():
+        produced["read"] = read(lqa, [DIALOG], qs, max_new_tokens=max_new_tokens, batch_size=max(16, questions))
+
+    def plain_generate():
+        with lqa.model.evaluating(), lqa.model.adapters.use(DECODER):
+            out = peft.generate(input_ids=batch.write_ids, attention_mask=batch.write_attention, do_sample=False,
+                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                pad_token_id=lqa.chat_format.pad_id)  # fmt: skip
+        produced["generate"] = out.shape[1] - batch.write_ids.shape[1]
+
+    times = interleaved({"patched read": patched_read, "HF generate (KV cache)": plain_generate}, repeats)
+    return _timed_row("read overhead", times, 1.25, "<= 1.25x", questions=questions, new_tokens=max_new_tokens,
+                      generate_new_tokens=produced["generate"], prompt_tokens=int(batch.write_ids.shape[1]))
+
+
+# ---------------------------------------------------------------- 2. train step
+
+
+def train_step_overhead(lqa, repeats: int, batch_size: int = 8) -> dict:
+    """One engine train step (the loop's `train_step` + `optimizer_step`) vs its unavoidable
+    parts run bare on the same batch: the target's blocks 0..L (no hooks), the decoder's
+    forward + loss on the labelled positions + backward, gradient clipping when the config
+    clips (as the engine's default does), and a plain AdamW step."""
+    import torch.nn.functional as F
+
+    from latentqa.layout import IGNORE_INDEX
+    from latentqa.patching import positions
+    from latentqa.strategy import Strategy
+    from latentqa.training import adamw_factory, strategy_config, train_step
+
+    config = lqa.config
+    layer = config.patch.read_layer
+    strategy = Strategy.create(strategy_config(config, "local"))
+    strategy.prepare(lqa.model, adamw_factory(config.train))
+    batch = train_batch(lqa, batch_size)
+    peft = lqa.model.peft_model
+    causal = peft.get_base_model()
+    inner = causal.get_decoder()
+    params = [p for p in peft.parameters() if p.requires_grad]
+    bare_opt = torch.optim.AdamW(params, lr=config.train.lr, weight_decay=config.train.weight_decay)
+    all_layers = inner.layers
+    read_pos, write_pos = positions(batch.read_attention), lqa.model.decoder_position_ids(batch, True)
+
+    def engine():
+        strategy.model.train()
+        train_step(strategy, batch, layer, True)
+        strategy.optimizer_step()
+
+    def target_part():
+        inner.layers = all_layers[: layer + 1]  # blocks 0..L only, no hooks
+        peft.base_model.disable_adapter_layers()  # the cheapest adapters-off switch PEFT has
+        try:
+            with torch.no_grad():
+                inner(input_ids=batch.read_ids, attention_mask=batch.read_attention, position_ids=read_pos, use_cache=False)
+        finally:
+            peft.base_model.enable_adapter_layers()
+            inner.layers = all_layers
+
+    def decoder_part():
+        hidden = inner(input_ids=batch.write_ids, attention_mask=batch.write_attention, position_ids=write_pos,
+                       use_cache=False).last_hidden_state  # fmt: skip
+        targets = batch.labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
+        F.cross_entropy(logits.float(), targets[keep]).backward()
+        if config.train.max_grad_norm:  # the same training semantics as the engine's config
+            torch.nn.utils.clip_grad_norm_(params, config.train.max_grad_norm)
+        bare_opt.step()
+        bare_opt.zero_grad(set_to_none=True)
+
+    def parts():
+        peft.train()
+        target_part()
+        decoder_part()
+
+    times = interleaved({"engine step": engine, "bare parts": parts}, repeats)
+    # the split of the bare parts, for the report
+    split = interleaved({"target to L": target_part, "decoder fwd/bwd+adamw": decoder_part}, max(1, repeats // 2), warmup=0)
+    peft.eval()
+    return _timed_row("train step", times, 1.1, "<= 1.1x", batch_size=batch_size, read_layer=layer,
+                      target_part_s=statistics.median(split["target to L"]),
+                      decoder_part_s=statistics.median(split["decoder fwd/bwd+adamw"]),
+                      tokens=int(batch.read_attention.sum() + batch.write_attention.sum()))  # fmt: skip
+
+
+# ---------------------------------------------------------------- 4. early exit
+
+
+def early_exit(lqa, repeats: int, batch_size: int = 8, tolerance: float = 0.2) -> dict:
+    """The target pass to read layer L of N vs a full forward with logits (same batch, adapters
+    off in both). Expected ratio = (L+1)/N x (1 - h), h the LM head's share of the full forward
+    (measured: the head on the full forward's last hidden states)."""
+    from latentqa.patching import positions
+
+    layer = lqa.config.patch.read_layer
+    n = lqa.model.num_layers
+    batch = train_batch(lqa, batch_size)
+    peft = lqa.model.peft_model
+    pos = positions(batch.read_attention)
+    hidden = {}
+
+    def early():
+        with lqa.model.evaluating():
+            lqa.model.target_activations(batch, [layer])
+
+    def full():
+        with lqa.model.evaluating(), lqa.model.adapters.use(None):
+            out = peft(input_ids=batch.read_ids, attention_mask=batch.read_attention, position_ids=pos, use_cache=False,
+                       output_hidden_states=not hidden)  # fmt: skip
+            if out.hidden_states is not None:
+                hidden["last"] = out.hidden_states[-1]
+
+    def head():
+        with lqa.model.evaluating(), lqa.model.adapters.use(None):
+            peft.get_base_model().get_output_embeddings()(hidden["last"])
+
+    times = interleaved({"to read layer": early, "full forward + logits": full}, repeats)
+    head_times = interleaved({"head": head, "full": full}, repeats, warmup=0)
+    share = paired_ratio(head_times["head"], head_times["full"])
+    expected = (layer + 1) / n * (1 - share)
+    ratio = paired_ratio(times["to read layer"], times["full forward + logits"])
+    result = _timed_row("early exit", times, None, f"~(L+1)/N x (1-head share) = {expected:.3f} (+-{tolerance:.0%})",
+                        read_layer=layer, num_layers=n, head_share=share, expected_ratio=expected)  # fmt: skip
+    result["met"] = abs(ratio / expected - 1) <= tolerance
+    return result
+
+
+# ---------------------------------------------------------------- 5. layout
+
+
+def layout_throughput(repeats: int, examples: int = 300, data: Path = PAPER_EVAL, tokenizer: Path = LLAMA3_TOKENIZER,
+                      floor: float = 0.5) -> dict:  # fmt: skip
+    """Examples/s of the engine's layout (train mode) vs bare tokenizer calls on the same strings
+    (each example's rendered read dialog and decoder dialog, one call per example, as the layout
+    makes one per side)."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from latentqa.chat_format import ChatFormat
+    from latentqa.data import DatasetSpec, load_examples, read_dialog
+    from latentqa.layout import ACKNOWLEDGEMENT, Layout
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    layout = Layout(ChatFormat(tok))
+    fmt = layout.chat_format
+    every = load_examples(DatasetSpec(path=data))
+    chosen = random.Random(0).sample(every, min(examples, len(every)))
+    texts = []
+    for ex in chosen:
+        dialog = read_dialog(ex.record)
+        read_text = fmt.render(dialog.messages, add_generation_prompt=dialog.add_generation_prompt).text
+        role = fmt.decoder_role
+        write = [{"role": "user", "content": "?"}, {"role": role, "content": ACKNOWLEDGEMENT},
+                 {"role": "user", "content": ex.question}, {"role": role, "content": ex.answer}]  # fmt: skip
+        texts.append([read_text, fmt.render(write).text])
+
+    def engine():
+        for ex in chosen:
+            layout.example(ex, "train")
+
+    def bare():
+        for pair in texts:
+            tok(pair, add_special_tokens=False)
+
+    times = interleaved({"layout": engine, "bare tokenizer": bare}, repeats)
+    layout_rate = [len(chosen) / t for t in times["layout"]]
+    bare_rate = [len(chosen) / t for t in times["bare tokenizer"]]
+    ratio = paired_ratio(layout_rate, bare_rate)
+    return row("layout", statistics.median(layout_rate), statistics.median(bare_rate), "examples/s", ratio,
+               f">= {floor:g}x", ratio >= floor, measured_is="Layout.example (train)",
+               baseline_is="tokenizer(pair) per example", repeats=repeats, measured_all=layout_rate,
+               baseline_all=bare_rate, examples=len(chosen), data=str(data), tokenizer=str(tokenizer))  # fmt: skip
+
+
+# ---------------------------------------------------------------- 3. memory (fresh subprocesses)
+
+
+def _synthetic_batch(vocab: int, batch_size: int, read_len: int, write_len: int, answer_len: int):
+    from latentqa.layout import LaidOutExample, ReadSide, WriteSide, collate
+
+    g = torch.Generator().manual_seed(0)
+    n = read_len - 1
+    out = []
+    for _ in range(batch_size):
+        read_ids = torch.randint(6, vocab, (read_len,), generator=g).tolist()
+        write_ids = torch.randint(6, vocab, (write_len + n,), generator=g).tolist()
+        labels = [-100] * (len(write_ids) - answer_len) + write_ids[-answer_len:]
+        out.append(LaidOutExample(ReadSide(read_ids, (1, 1), (1, read_len)), WriteSide(write_ids, (5, 5 + n), labels)))
+    return collate(out, 5)
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) -> dict:
+    """One training setup, in this (fresh) process: its peak RSS after `steps` train steps."""
+    import torch.nn.functional as F
+    from peft import get_peft_model
+
+    from latentqa.config import LoraSettings, ModelConfig
+    from latentqa.models import AdapterSet, _lora_config, load_base
+    from latentqa.patching import LatentQAModel
+    from latentqa.strategy import Strategy, StrategyConfig
+
+    torch.set_num_threads(1)  # more threads than free cores stall on a shared machine
+    after_import = _rss_mb()
+    cfg = ModelConfig(path=model_dir, weights="random", device="cpu")
+    lora = LoraSettings()
+    base = load_base(cfg)
+    vocab = base.config.vocab_size
+    batch = _synthetic_batch(vocab, 1, 32, 24, 8)
+    n_params = sum(p.numel() for p in base.parameters())
+
+    def loss_of(model, ids, attention, labels):
+        hidden = model.get_base_model().get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        keep = labels[:, 1:] != -100
+        logits = model.get_base_model().get_output_embeddings()(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), labels[:, 1:][keep])
+
+    if setup == "engine":  # one base: target = adapters off, decoder = base + adapter
+        model = LatentQAModel(AdapterSet.create(base, cfg, lora, train_decoder=True))
+        strategy = Strategy.create(StrategyConfig(kind="local"))
+        strategy.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4))
+        for _ in range(steps):
+            strategy.model.train()
+            strategy.backward(strategy.model(batch, read_layer, True))
+            strategy.optimizer_step()
+    elif setup == "base+adapter":  # the floor: one base model, its adapter and the optimizer state
+        model = get_peft_model(base, _lora_config(lora), adapter_name="decoder")
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        model.train()
+        for _ in range(steps):
+            loss_of(model, batch.write_ids, batch.write_attention, batch.labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    elif setup == "two copies":  # the paper's layout: a frozen target copy and a decoder copy
+        torch.manual_seed(1)
+        decoder = get_peft_model(load_base(cfg), _lora_config(lora), adapter_name="decoder")
+        opt = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=1e-4)
+        decoder.train()
+        for _ in range(steps):
+            with torch.no_grad():
+                base(input_ids=batch.read_ids, attention_mask=batch.read_attention, output_hidden_states=True, use_cache=False)
+            loss_of(decoder, batch.write_ids, batch.write_attention, batch.labels).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    else:
+        raise ValueError(f"unknown memory setup {setup!r}")
+    return {"setup": setup, "peak_rss_mb": _rss_mb(), "after_import_mb": after_import, "base_parameters": n_params}
+
+
+def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | None = None, limit: float = 1.15) -> dict:
+    """Peak RSS of the engine's training setup vs one base model + adapter + optimizer, each in a
+    fresh subprocess (interleaved: engine, floor, two copies, engine, ...); also vs two copies."""
+    layer = size.layers // 2 if read_layer is None else read_layer
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(size, size.vocab or 32000, Path(tmp))
+        peaks: dict[str, list[dict]] = {"engine": [], "base+adapter": [], "two copies": []}
+        for _ in range(repeats):
+            for setup in peaks:
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+                out = subprocess.run(
+                    [sys.executable, "-m", "latentqa_platform.benchmarks", "memory-setup", setup, str(model_dir), str(layer)],
+                    capture_output=True, text=True, env=env, check=False,
+                )  # fmt: skip
+                if out.returncode != 0:
+                    raise RuntimeError(f"memory setup {setup!r} failed:\n{out.stderr[-3000:]}")
+                peaks[setup].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    engine = [p["peak_rss_mb"] for p in peaks["engine"]]
+    floor = [p["peak_rss_mb"] for p in peaks["base+adapter"]]
+    two = [p["peak_rss_mb"] for p in peaks["two copies"]]
+    ratio = paired_ratio(engine, floor)
+    imports = statistics.median(p["after_import_mb"] for v in peaks.values() for p in v)
+    net_floor = [f - imports for f in floor]
+    net = paired_ratio([e - imports for e in engine], net_floor) if min(net_floor) > 0 else None
+    return row("memory", statistics.median(engine), statistics.median(floor), "MB peak RSS", ratio, f"<= {limit:g}x",
+               ratio <= limit, measured_is="engine (one base, target + decoder + AdamW)",
+               baseline_is="one base + adapter + AdamW", base_parameters=peaks["engine"][0]["base_parameters"],
+               two_copies_mb=statistics.median(two), ratio_vs_two_copies=paired_ratio(engine, two),
+               after_import_mb=imports, net_ratio_above_imports=net, repeats=repeats)  # fmt: skip
+
+
+# ---------------------------------------------------------------- 6. Ray Train overhead
+
+
+def _train_step_times(ctx: dict) -> list[float]:
+    """The engine's `fit` loop for ctx["steps"] steps; seconds between optimizer steps."""
+    from latentqa.config import LatentQAConfig
+    from latentqa.session import LatentQA
+    from latentqa.strategy import Strategy, StrategyConfig
+    from latentqa.training import TrainProgress, adamw_factory, fit
+
+    torch.set_num_threads(ctx["threads"])
+    config = LatentQAConfig.model_validate_json(ctx["config"])
+    torch.manual_seed(0)
+    strategy = Strategy.create(StrategyConfig(kind=ctx["kind"]))
+    lqa = LatentQA.load(config, train_decoder=True)
+    strategy.prepare(lqa.model, adamw_factory(config.train))
+    batches = [train_batch(lqa, config.train.batch_size, seed=s) for s in range(4)]
+    stamps = [time.perf_counter()]
+
+    def epoch_batches(epoch: int, skip: int):
+        for i in range(skip, ctx["steps"]):
+            yield batches[i % len(batches)].to(strategy.device)
+
+    fit(strategy, epoch_batches, ctx["steps"], config.train, config.patch, TrainProgress(),
+        on_step=lambda progress, metrics: stamps.append(time.perf_counter()))  # fmt: skip
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def _ray_worker(ctx: dict) -> None:
+    import ray.train
+
+    times = _train_step_times(ctx)
+    if ray.train.get_context().get_world_rank() == 0:
+        Path(ctx["out"]).write_text(json.dumps(times))
+
+
+def ray_overhead(config, repeats: int, steps: int = 12, warmup: int = 3, threads: int = 1, limit: float = 1.1) -> dict:
+    """Steady-state step time of the engine's `fit` under Ray Train (1 worker, ddp as the job
+    runs it) vs the same loop in this process (local strategy), same batch and torch threads.
+    Rounds alternate Ray, local, Ray, local; the first `warmup` steps of each run are dropped."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    config = config.model_copy(deep=True)
+    config.train.max_steps = steps
+    config.train.epochs = 10**6
+    base_ctx = {"config": config.model_dump_json(), "steps": steps, "threads": threads}
+    ray_medians, local_medians = [], []
+    storage = tempfile.mkdtemp(prefix="latentqa-bench-ray-")
+    for r in range(repeats):
+        out = Path(storage) / f"times-{r}.json"
+        trainer = TorchTrainer(
+            _ray_worker,
+            train_loop_config={**base_ctx, "kind": "ddp", "out": str(out)},
+            scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(name=f"bench-{os.getpid()}-{r}", storage_path=storage),
+        )
+        trainer.fit()
+        ray_medians.append(statistics.median(json.loads(out.read_text())[warmup:]))
+        previous = torch.get_num_threads()
+        try:
+            local_medians.append(statistics.median(_train_step_times({**base_ctx, "kind": "local"})[warmup:]))
+        finally:
+            torch.set_num_threads(previous)
+    ratio = paired_ratio(ray_medians, local_medians)
+    return row("Ray Train overhead", statistics.median(ray_medians), statistics.median(local_medians), "s/step", ratio,
+               f"<= {limit:g}x", ratio <= limit, measured_is="fit under Ray Train, 1 worker (ddp)",
+               baseline_is="fit in one process (local)", steps=steps, warmup_steps=warmup, threads=threads,
+               batch_size=config.train.batch_size, repeats=repeats, measured_all=ray_medians,
+               baseline_all=local_medians, ray_initialized=ray.is_initialized())  # fmt: skip
+
+
+def start_ray(num_cpus: int = 4) -> None:
+    """One local cluster (num_cpus > cores on purpose: Ray Data must not starve, PLATFORM-NOTES)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    path = os.pathsep.join([str(PROJECT_ROOT), str(PROJECT_ROOT / "platform")])
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
+
+
+# ---------------------------------------------------------------- 7. Serve
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_new_tokens: int = 8,
+                     overhead_ms: float = 30.0, speedup: float = 2.0) -> list[dict]:  # fmt: skip
+    """/v1/read over HTTP on loopback vs the engine's `read` in this process (p50 overhead), and
+    throughput with `clients` concurrent clients of an app batching up to `clients` reads vs the
+    same app with max_batch_size=1. A fresh (untrained) decoder of the offline default; both apps
+    on one local cluster, model replicas at 1 CPU (1 torch thread, as this process is set to)."""
+    import asyncio
+
+    import httpx
+    from ray import serve
+
+    from latentqa.config import load_config
+    from latentqa.models import DECODER
+    from latentqa.reading import read
+    from latentqa.session import LatentQA
+    from latentqa_platform.serving import ServeSettings
+    from latentqa_platform.settings import MlflowSettings
+
+    sys.path.insert(0, str(PROJECT_ROOT))
+    from serve.app import Gateway, LatentQAModel, Steering, application
+
+    tmp = Path(tempfile.mkdtemp(prefix="latentqa-bench-serve-"))
+    torch.manual_seed(0)
+    lqa = LatentQA.load(load_config(), train_decoder=False)
+    folder = lqa.model.adapters.save(DECODER, tmp / "decoder")
+    lqa = LatentQA.load(load_config(overrides={"model": {"decoder_adapter": str(folder)}}))
+    mlflow = MlflowSettings(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri())
+    os.environ.pop("LATENTQA_API_TOKEN", None)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    for name, batch in (("batched", clients), ("unbatched", 1)):
+        settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, max_batch_size=batch)
+        app = application(settings, model=LatentQAModel.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),
+                          steering=Steering.options(ray_actor_options={"num_cpus": 0.25}),
+                          gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}))  # fmt: skip
+        serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
+    body = {"dialogs": [DIALOG], "questions": [QUESTIONS[0]], "max_new_tokens": max_new_tokens}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with httpx.Client(base_url=url, timeout=300) as client:
+            deadline = time.monotonic() + 300
+            for name in ("batched", "unbatched"):
+                while client.post(f"/{name}/v1/read", json=body).status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError("the serve app did not answer")
+                    time.sleep(1)
+            http_times, local_times, unbatched_times = [], [], []
+            for _ in range(3):  # warm both paths
+                client.post("/batched/v1/read", json=body)
+                read(lqa, [DIALOG], [QUESTIONS[0]], max_new_tokens=max_new_tokens)
+            for _ in range(requests * repeats):
+                start = time.perf_counter()
+                response = client.post("/batched/v1/read", json=body)
+                http_times.append(time.perf_counter() - start)
+                response.raise_for_status()
+                start = time.perf_counter()
+                read(lqa, [DIALOG], [QUESTIONS[0]], max_new_tokens=max_new_tokens)
+                local_times.append(time.perf_counter() - start)
+                start = time.perf_counter()  # the same request where a batch never waits (max_batch_size=1)
+                client.post("/unbatched/v1/read", json=body).raise_for_status()
+                unbatched_times.append(time.perf_counter() - start)
+
+        async def load(name: str) -> float:
+            async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
+                async def one_client():
+                    for _ in range(requests):
+                        (await ac.post(f"/{name}/v1/read", json=body)).raise_for_status()
+
+                start = time.perf_counter()
+                await asyncio.gather(*(one_client() for _ in range(clients)))
+                return clients * requests / (time.perf_counter() - start)
+
+        asyncio.run(load("batched"))  # warm-up round
+        asyncio.run(load("unbatched"))
+        batched, unbatched = [], []
+        for _ in range(repeats):
+            batched.append(asyncio.run(load("batched")))
+            unbatched.append(asyncio.run(load("unbatched")))
+    finally:
+        torch.set_num_threads(previous)
+        serve.shutdown()
+    http_p50, local_p50 = statistics.median(http_times), statistics.median(local_times)
+    overhead = (http_p50 - local_p50) * 1000
+    throughput_ratio = paired_ratio(batched, unbatched)
+    return [
+        row("serve /v1/read overhead", http_p50, local_p50, "s (p50)", http_p50 / local_p50, f"overhead <= {overhead_ms:g} ms",
+            overhead <= overhead_ms, overhead_ms=overhead, measured_is="POST /v1/read over loopback HTTP",
+            baseline_is="latentqa.reading.read in process", requests=len(http_times), max_new_tokens=max_new_tokens,
+            http_p90=statistics.quantiles(http_times, n=10)[-1], local_p90=statistics.quantiles(local_times, n=10)[-1],
+            batch_wait_timeout_s=ServeSettings().batch_wait_timeout_s,
+            unbatched_app_p50=statistics.median(unbatched_times),
+            unbatched_app_overhead_ms=(statistics.median(unbatched_times) - local_p50) * 1000),
+        row("serve batching", statistics.median(batched), statistics.median(unbatched), "req/s", throughput_ratio,
+            f">= {speedup:g}x", throughput_ratio >= speedup, measured_is=f"{clients} concurrent clients, max_batch_size={clients}",
+            baseline_is=f"{clients} concurrent clients, max_batch_size=1", requests_per_client=requests,
+            measured_all=batched, baseline_all=unbatched, repeats=repeats),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- GPU preset (one shot)
+
+
+def gpu_preset(size: ModelSize, device: str, repeats: int, tokenizer: Path, batch_size: int = 4, read_layer: int = 15,
+               peak_tflops: float = 989.0, dtype: str = "bfloat16") -> list[dict]:  # fmt: skip
+    """A randomly initialised model of `size` (e.g. Llama-3-8B) in `dtype` on `device`: train-step
+    tokens/s and model FLOPs utilisation, read latency (1 dialog x 15 questions x 64 tokens) and
+    peak device memory. FLOPs per step (matmuls only; B the blocks' weights, H the LM head's):
+    2*B*(L+1)/N per target token (no head), plus 4*(B+H) per decoder token (forward and the
+    input-gradient backward; the LoRA weight gradients are negligible)."""
+    from latentqa.reading import read
+    from latentqa.session import LatentQA
+    from latentqa.strategy import Strategy
+    from latentqa.training import adamw_factory, strategy_config, train_step
+
+    cuda = device.startswith("cuda")
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = _vocab(tokenizer)
+        model_dir = write_model_dir(size, vocab, Path(tmp))
+        layer = min(read_layer, size.layers - 1)
+        config = engine_config(model_dir, tokenizer, layer, device=device, dtype=dtype, batch_size=batch_size)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        lqa = LatentQA.load(config, train_decoder=True)
+    strategy = Strategy.create(strategy_config(config, "local"))
+    strategy.prepare(lqa.model, adamw_factory(config.train))
+    batch = train_batch(lqa, batch_size)
+    params = sum(p.numel() for n, p in lqa.model.peft_model.named_parameters() if "lora_" not in n)
+    causal = lqa.model.peft_model.get_base_model()
+    embed = causal.get_input_embeddings().weight.numel()
+    head = causal.get_output_embeddings().weight.numel()
+    block_params = params - embed - (0 if size.tie_embeddings else head)  # the embedding is a lookup, not a matmul
+    read_tokens, write_tokens = int(batch.read_attention.sum()), int(batch.write_attention.sum())
+    flops = 2 * block_params * read_tokens * (layer + 1) / size.layers + 4 * (block_params + head) * write_tokens
+
+    def step():
+        strategy.model.train()
+        train_step(strategy, batch, layer, True)
+        strategy.optimizer_step()
+
+    step_times = interleaved({"step": step}, repeats, warmup=2)["step"]
+    t_step = statistics.median(step_times)
+    fast = no_stop(lqa)
+    read_times = interleaved({"read": lambda: read(fast, [DIALOG], QUESTIONS, max_new_tokens=64)}, repeats)["read"]
+    peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
+    achieved = flops / t_step
+    return [
+        row("gpu train step", (read_tokens + write_tokens) / t_step, None, "tokens/s", None, "report", None,
+            step_s=t_step, batch_size=batch_size, read_layer=layer, parameters=params, dtype=dtype, device=device),
+        row("gpu MFU", achieved / 1e12, peak_tflops, "TFLOP/s", achieved / (peak_tflops * 1e12), "report", None,
+            flops_per_step=flops),
+        row("gpu read latency", statistics.median(read_times), None, "s (1 dialog x 15 q x 64 tokens)", None, "report", None),
+        row("gpu peak memory", peak_mb, None, "MiB" + (" allocated" if cuda else " RSS"), None, "report", None),
+    ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- reports
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| figure | measured | baseline | unit | ratio | target | met |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[k]) for k in ("name", "measured", "baseline", "unit", "ratio", "target", "met")) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import platform
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "load_average_at_start": load}  # fmt: skip
+
+
+def plot(rows: list[dict], out: Path) -> Path | None:
+    """Per-repeat ratios of every timed figure (a strip per figure), against its limit."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    timed = [r for r in rows if r["details"].get("measured_all") and r["details"].get("baseline_all")]
+    if not timed:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 0.6 + 0.5 * len(timed)))
+    for i, r in enumerate(timed):
+        ratios = [m / b for m, b in zip(r["details"]["measured_all"], r["details"]["baseline_all"])]
+        ax.scatter(ratios, [i] * len(ratios), s=12, alpha=0.6)
+        ax.scatter([r["ratio"]], [i], marker="|", s=300, color="black")
+    ax.set_yticks(range(len(timed)), [r["name"] for r in timed])
+    ax.set_xlabel("measured / baseline, per repeat (bar: median)")
+    fig.tight_layout()
+    fig.savefig(out / "ratios.png", dpi=120)
+    plt.close(fig)
+    return out / "ratios.png"
+
+
+if __name__ == "__main__":  # the memory subprocesses
+    if sys.argv[1] == "memory-setup":
+        print(json.dumps(memory_setup(sys.argv[2], sys.argv[3], int(sys.argv[4]))))

@@ -1,0 +1,61 @@
+"""Smoke test of `jobs/benchmark.py`: tiny sizes, one repeat, engine figures only (no Ray).
+
+It checks that the command runs and writes valid JSON and markdown with every requested figure;
+it never asserts a timing target (timings belong in docs/benchmarks.md, not in unit tests).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from latentqa.paths import PROJECT_ROOT
+
+KEYS = {"name", "measured", "baseline", "unit", "ratio", "target", "met", "details"}
+
+
+def _job():
+    spec = importlib.util.spec_from_file_location("benchmark_job", PROJECT_ROOT / "jobs" / "benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+TINY = ["--repeats", "1", "--hidden", "64", "--layers", "3", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
+        "--read-layer", "1", "--questions", "3", "--new-tokens", "4", "--batch-size", "2"]  # fmt: skip
+
+
+def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_dir):
+    from latentqa_platform.benchmarks import PAPER_EVAL
+
+    if not PAPER_EVAL.exists():
+        pytest.skip(f"{PAPER_EVAL} is absent")
+    out = tmp_path / "bench"
+    argv = [*TINY, "--only", "read", "train_step", "early_exit", "layout", "memory", "--output", str(out),
+            "--layout-examples", "10", "--layout-tokenizer", str(llama3_tokenizer_dir),
+            "--memory-hidden", "64", "--memory-layers", "2", "--memory-intermediate", "128"]  # fmt: skip
+    assert _job().main(argv) == 0
+    result = json.loads((out / "results.json").read_text())
+    names = [r["name"] for r in result["results"]]
+    assert names == ["early exit", "read overhead", "train step", "layout", "memory"]
+    for r in result["results"]:
+        assert KEYS <= set(r), r
+        assert r["measured"] > 0 and r["baseline"] > 0 and r["ratio"] > 0
+        assert isinstance(r["met"], bool)
+    assert result["results"][1]["details"]["generate_new_tokens"] == 4  # both sides generate every token
+    assert "two_copies_mb" in result["results"][4]["details"]
+    table = (out / "results.md").read_text()
+    assert "| figure | measured | baseline | unit | ratio | target | met |" in table
+    for name in names:
+        assert f"| {name} |" in table
+
+
+def test_preset_path_runs_on_cpu(tmp_path):
+    """The GPU preset's code path, on a tiny model on the CPU (the real run needs a GPU)."""
+    out = tmp_path / "preset"
+    assert _job().main(["--preset", "tiny", "--repeats", "1", "--output", str(out)]) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(rows) == {"gpu train step", "gpu MFU", "gpu read latency", "gpu peak memory"}
+    assert rows["gpu train step"]["measured"] > 0 and 0 < rows["gpu MFU"]["ratio"]
