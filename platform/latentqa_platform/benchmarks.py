@@ -757,7 +757,7 @@ def machine() -> dict:
 
 
 def plot(rows: list[dict], out: Path) -> Path | None:
-    """Per-repeat ratios of every timed figure (a strip per figure), against its limit."""
+    """Per-repeat ratios of every timed figure: a strip per figure, a bar at its median."""
     try:
         import matplotlib
 
