@@ -76,7 +76,7 @@ def _plain_backend(tokenizer: PreTrainedTokenizerBase):
     """The fast tokenizer's Rust tokenizer when calling it directly gives the same ids as the
     Python wrapper (no truncation or padding configured), else None. For a layout's few short
     pieces the wrapper's per-call set-up and the batch call's thread pool cost more than the
-    tokenising itself: half the layout's time (docs/benchmarks.md, "layout")."""
+    tokenising itself: over half the layout's time (docs/benchmarks.md, "layout")."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return None
