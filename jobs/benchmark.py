@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--serve-clients", type=int, default=16)
     g.add_argument("--serve-repeats", type=int, default=3)
     g.add_argument("--serve-new-tokens", type=int, default=8)
-    g = p.add_argument_group("GPU preset (replaces the figures above)")
+    g = p.add_argument_group("GPU preset (replaces the figures above; batch 4, read layer 15 as in the paper)")
     g.add_argument("--preset", choices=["llama3-8b", "tiny"], help="llama3-8b: random Llama-3-8B in bf16")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100/H200 bf16 dense: 989)")
     return p.parse_args(argv)

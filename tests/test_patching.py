@@ -67,6 +67,9 @@ def test_plain_target_is_pefts_disable_adapter_and_keeps_requires_grad(sessions,
             with lqa.model.adapters.use(None):
                 plain = logits()
                 assert {name: p.requires_grad for name, p in peft.named_parameters()} == grads
+                with lqa.model.adapters.use(None):
+                    pass
+                torch.testing.assert_close(logits(), plain)  # leaving a nested switch keeps them off
             torch.testing.assert_close(plain, expected)
             torch.testing.assert_close(logits(), decoder)
     finally:

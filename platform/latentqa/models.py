@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
@@ -85,7 +86,7 @@ class AdapterSet:
         self.model = peft_model
         self.trainable = trainable
         self._train_decoder = DECODER in trainable
-        self._lora_layers: list[BaseTunerLayer] | None = None  # found again whenever adapters change
+        self._adapter_layers: list[nn.Module] | None = None  # found again whenever adapters change
         self._enforce()
 
     @classmethod
@@ -122,8 +123,8 @@ class AdapterSet:
         self._adapters_changed()
 
     def _adapters_changed(self) -> None:
-        """Call after adding or deleting an adapter: the LoRA layers may have changed."""
-        self._lora_layers = None
+        """Call after adding or deleting an adapter: the adapter layers may have changed."""
+        self._adapter_layers = None
         self._enforce()
 
     def _enforce(self) -> None:
@@ -151,21 +152,24 @@ class AdapterSet:
 
     @contextlib.contextmanager
     def _adapters_off(self) -> Iterator[None]:
-        """The plain target: every LoRA layer's own off switch (the flag its forward reads), and
-        nothing else. PeftModel.disable_adapter() also walks every module twice, reprs them all
+        """The plain target: the off switch of every adapter layer that PEFT's own switch covers
+        (modules_to_save wrappers too), i.e. the flag each one's forward reads, and nothing else.
+        PeftModel.disable_adapter() also walks every module twice, reprs them all
         (get_model_status) and flips requires_grad, which under FSDP2 must then be undone on the
         right copy (Strategy.disable_adapters): 14 ms per target pass on an 8-block model, and
         more with every LoRA layer (docs/benchmarks.md). peft is pinned; tests/test_patching.py
         checks this equals PEFT's disable_adapter()."""
-        if self._lora_layers is None:
-            self._lora_layers = [m for m in self.model.modules() if isinstance(m, BaseTunerLayer)]
-        for layer in self._lora_layers:
+        if self._adapter_layers is None:
+            kinds = (BaseTunerLayer, AuxiliaryTrainingWrapper)
+            self._adapter_layers = [m for m in self.model.modules() if isinstance(m, kinds)]
+        found = [layer._disable_adapters for layer in self._adapter_layers]
+        for layer in self._adapter_layers:
             layer._disable_adapters = True
         try:
             yield
         finally:
-            for layer in self._lora_layers:
-                layer._disable_adapters = False
+            for layer, state in zip(self._adapter_layers, found):
+                layer._disable_adapters = state
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT
+from latentqa.paths import OFFLINE_TRAIN, PROJECT_ROOT
 
 SHARED = PROJECT_ROOT.parent / "shared"
 LLAMA3_TOKENIZER = SHARED / "fixtures" / "tokenizers" / "llama-3-instruct"
@@ -239,12 +240,10 @@ def train_step_overhead(lqa, repeats: int, batch_size: int = 8) -> dict:
 
     def target_part():
         inner.layers = all_layers[: layer + 1]  # blocks 0..L only, no hooks
-        peft.base_model.disable_adapter_layers()  # the cheapest adapters-off switch PEFT has
-        try:
-            with torch.no_grad():
+        try:  # the engine's own switch: one flag per adapter layer, the least any plain target costs
+            with torch.no_grad(), lqa.model.adapters.use(None):
                 inner(input_ids=batch.read_ids, attention_mask=batch.read_attention, position_ids=read_pos, use_cache=False)
         finally:
-            peft.base_model.enable_adapter_layers()
             inner.layers = all_layers
 
     def decoder_part():
@@ -522,22 +521,22 @@ def ray_overhead(config, repeats: int, steps: int = 12, warmup: int = 3, threads
     config.train.epochs = 10**6
     base_ctx = {"config": config.model_dump_json(), "steps": steps, "threads": threads}
     ray_medians, local_medians = [], []
-    storage = tempfile.mkdtemp(prefix="latentqa-bench-ray-")
-    for r in range(repeats):
-        out = Path(storage) / f"times-{r}.json"
-        trainer = TorchTrainer(
-            _ray_worker,
-            train_loop_config={**base_ctx, "kind": "ddp", "out": str(out)},
-            scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(name=f"bench-{os.getpid()}-{r}", storage_path=storage),
-        )
-        trainer.fit()
-        ray_medians.append(statistics.median(json.loads(out.read_text())[warmup:]))
-        previous = torch.get_num_threads()
-        try:
-            local_medians.append(statistics.median(_train_step_times({**base_ctx, "kind": "local"})[warmup:]))
-        finally:
-            torch.set_num_threads(previous)
+    with tempfile.TemporaryDirectory(prefix="latentqa-bench-ray-") as storage:
+        for r in range(repeats):
+            out = Path(storage) / f"times-{r}.json"
+            trainer = TorchTrainer(
+                _ray_worker,
+                train_loop_config={**base_ctx, "kind": "ddp", "out": str(out)},
+                scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": 1}),
+                run_config=RunConfig(name=f"bench-{os.getpid()}-{r}", storage_path=storage),
+            )
+            trainer.fit()
+            ray_medians.append(statistics.median(json.loads(out.read_text())[warmup:]))
+            previous = torch.get_num_threads()
+            try:
+                local_medians.append(statistics.median(_train_step_times({**base_ctx, "kind": "local"})[warmup:]))
+            finally:
+                torch.set_num_threads(previous)
     ratio = paired_ratio(ray_medians, local_medians)
     return row("Ray Train overhead", statistics.median(ray_medians), statistics.median(local_medians), "s/step", ratio,
                f"<= {limit:g}x", ratio <= limit, measured_is="fit under Ray Train, 1 worker (ddp)",
@@ -652,6 +651,7 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
     finally:
         torch.set_num_threads(previous)
         serve.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
     http_p50, local_p50 = statistics.median(http_times), statistics.median(local_times)
     overhead = (http_p50 - local_p50) * 1000
     throughput_ratio = paired_ratio(batched, unbatched)
@@ -678,8 +678,9 @@ def gpu_preset(size: ModelSize, device: str, repeats: int, tokenizer: Path, batc
     """A randomly initialised model of `size` (e.g. Llama-3-8B) in `dtype` on `device`: train-step
     tokens/s and model FLOPs utilisation, read latency (1 dialog x 15 questions x 64 tokens) and
     peak device memory. FLOPs per step (matmuls only; B the blocks' weights, H the LM head's):
-    2*B*(L+1)/N per target token (no head), plus 4*(B+H) per decoder token (forward and the
-    input-gradient backward; the LoRA weight gradients are negligible)."""
+    2*B*(L+1)/N per target token (no head), plus 4*B per decoder token and 4*H per label token
+    (forward and the input-gradient backward; the LoRA weight gradients are negligible)."""
+    from latentqa.layout import IGNORE_INDEX
     from latentqa.reading import read
     from latentqa.session import LatentQA
     from latentqa.strategy import Strategy
@@ -703,7 +704,8 @@ def gpu_preset(size: ModelSize, device: str, repeats: int, tokenizer: Path, batc
     head = causal.get_output_embeddings().weight.numel()
     block_params = params - embed - (0 if size.tie_embeddings else head)  # the embedding is a lookup, not a matmul
     read_tokens, write_tokens = int(batch.read_attention.sum()), int(batch.write_attention.sum())
-    flops = 2 * block_params * read_tokens * (layer + 1) / size.layers + 4 * (block_params + head) * write_tokens
+    label_tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # the engine runs the head on these only
+    flops = 2 * block_params * read_tokens * (layer + 1) / size.layers + 4 * (block_params * write_tokens + head * label_tokens)
 
     def step():
         strategy.model.train()
