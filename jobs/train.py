@@ -26,7 +26,6 @@ to `<project>/platform`); give an absolute `--train.output_dir` shared by the cl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -47,7 +46,8 @@ from latentqa.layout import collate
 from latentqa.strategy import StrategyConfig
 from latentqa.training import strategy_config
 from latentqa_platform import raydata, tracking
-from latentqa_platform.settings import JobSettings, load_job_config
+from latentqa_platform.batchjobs import parse
+from latentqa_platform.settings import JobSettings
 
 QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assistant trying to do?"]
 
@@ -57,18 +57,10 @@ QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assi
 
 def parse_args(argv: list[str] | None) -> tuple[LatentQAConfig, JobSettings, StrategyConfig]:
     sections = {**JobSettings().model_dump(), "strategy": StrategyConfig().model_dump()}
-    parser = argparse.ArgumentParser(
-        prog="jobs/train.py",
-        allow_abbrev=False,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Train a LatentQA decoder with Ray Train. Any config field is an override: "
-        "--train.lr 3e-5, --strategy.kind fsdp, --ray.num_workers 4, --mlflow.experiment NAME.",
-        epilog="engine sections (see README): model, lora, patch, data, train\n"
-        + "\n".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()) for name, fields in sections.items()),
+    epilog = "engine sections (see README): model, lora, patch, data, train\n" + "\n".join(
+        f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()) for name, fields in sections.items()
     )
-    parser.add_argument("--config", type=Path, help="YAML file of config sections (engine + ray + mlflow)")
-    args, overrides = parser.parse_known_args(argv)
-    config, settings = load_job_config(args.config, overrides)
+    _, config, settings = parse("jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, epilog=epilog)
     if config.data.eval is None:
         config.train.eval_every = 0
     return config, settings, strategy_config(config, "ddp")

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import offline_config
 from latentqa.data import DatasetSpec, load_examples

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
 
 from .data import Example
 from .layout import IGNORE_INDEX

@@ -17,12 +17,14 @@ from .settings import JobSettings, load_job_config, tracking_uri
 
 
 def parse(prog: str, description: str, argv: list[str] | None,
-          add_arguments: Callable[[argparse.ArgumentParser], None]) -> tuple[argparse.Namespace, LatentQAConfig, JobSettings]:  # fmt: skip
+          add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+          epilog: str | None = None) -> tuple[argparse.Namespace, LatentQAConfig, JobSettings]:  # fmt: skip
     """The job's own flags, then `--config FILE.yaml` and dotted overrides for every section;
     raises ConfigError naming the field."""
     parser = argparse.ArgumentParser(
         prog=prog, allow_abbrev=False, description=description + " Any config field is an override: "
         "--patch.read_layer 15, --ray.cpus_per_worker 1, --mlflow.tracking_uri URI.",
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     parser.add_argument("--config", type=Path, help="YAML file of config sections (engine + ray + mlflow)")
     add_arguments(parser)
