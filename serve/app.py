@@ -475,17 +475,28 @@ class Gateway:
 
 def build_app(args: dict) -> serve.Application:
     """The application for `serve run serve.app:build_app key=value` and `serve deploy`: `args`
-    are `ServeSettings` fields; `settings=FILE.yaml` reads them from a file first."""
+    are `ServeSettings` fields; `settings=FILE.yaml` reads them from a file first. Without
+    `decoders`, the engine config's `model.decoder_adapter` is served, else the latest under runs/."""
     import yaml
 
+    from latentqa.model_files import WrongTarget, check_target
+    from latentqa.models import load_model_config
     from latentqa.paths import latest_decoder
 
     args = dict(args)
     if "settings" in args:
         args = {**yaml.safe_load(Path(args.pop("settings")).read_text()), **args}
-    if not args.get("decoders"):
-        args["decoders"] = {"latest": str(latest_decoder())}
-    return application(ServeSettings.model_validate(args))
+    if not args.get("decoders"):  # the config's own decoder (e.g. a shipped one), else the latest trained
+        named = ServeSettings.model_validate(args).engine_config().model.decoder_adapter
+        args["decoders"] = {Path(named).name: named} if named else {"latest": str(latest_decoder())}
+    settings = ServeSettings.model_validate(args)
+    for folder in settings.decoders.values():  # a wrong base fails here in one line, not in the replicas
+        if Path(folder).is_dir():
+            try:
+                check_target(folder, load_model_config(settings.engine_config().model))
+            except WrongTarget as err:
+                raise SystemExit(f"cannot serve: {err}") from None
+    return application(settings)
 
 
 def application(settings: ServeSettings, model=LatentQAModel, steering=Steering, gateway=Gateway) -> serve.Application:

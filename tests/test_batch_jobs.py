@@ -101,3 +101,6 @@ def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     metrics = MlflowClient(decoder.tracking_uri).get_run(decoder.run_id).data.metrics
     assert metrics["heldout/loss_true"] == pytest.approx(result["loss_true"])
     assert {"heldout/loss_shuffled", "heldout/loss_none", "heldout/activation_gain"} <= set(metrics)
+    # the suite's identification figures, for both kinds of held-out dialog
+    assert metrics["heldout/choice/system/true_accuracy"] == pytest.approx(result["choice/system/true_accuracy"])
+    assert {f"heldout/choice/reply/{c}_accuracy" for c in ("true", "shuffled", "none")} <= set(metrics)

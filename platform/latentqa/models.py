@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import LoraSettings, ModelConfig, SteerConfig
+from .model_files import ModelFileError, check_target, hf_folder, write_target_identity
 
 log = logging.getLogger(__name__)
 DECODER = "decoder"
@@ -33,7 +34,18 @@ def resolve_device(device: str) -> torch.device:
 
 
 def load_tokenizer(cfg: ModelConfig):
-    return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.path)
+    tokenizer = AutoTokenizer.from_pretrained(hf_folder(cfg.tokenizer or cfg.path))
+    if cfg.chat_template:
+        try:
+            tokenizer.chat_template = Path(cfg.chat_template).read_text()
+        except OSError as err:
+            raise ModelFileError(f"model.chat_template: cannot read {cfg.chat_template}: {err}") from None
+    return tokenizer
+
+
+def load_model_config(cfg: ModelConfig):
+    """The model's transformers config (architecture and sizes; no weights)."""
+    return AutoConfig.from_pretrained(hf_folder(cfg.path))
 
 
 def load_base(cfg: ModelConfig) -> PreTrainedModel:
@@ -43,9 +55,9 @@ def load_base(cfg: ModelConfig) -> PreTrainedModel:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.weights == "random":
         torch.manual_seed(cfg.init_seed)  # every process builds the same base
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.path), **kwargs)
+        model = AutoModelForCausalLM.from_config(load_model_config(cfg), **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(hf_folder(cfg.path), **kwargs)
     model.requires_grad_(False)
     return model.to(resolve_device(cfg.device)).eval()
 
@@ -92,6 +104,7 @@ class AdapterSet:
     @classmethod
     def create(cls, base: PreTrainedModel, cfg: ModelConfig, lora: LoraSettings, train_decoder: bool) -> "AdapterSet":
         if cfg.decoder_adapter:
+            check_target(cfg.decoder_adapter, base.config)
             model = PeftModel.from_pretrained(base, cfg.decoder_adapter, adapter_name=DECODER, is_trainable=train_decoder)
         else:
             model = get_peft_model(base, _lora_config(lora), adapter_name=DECODER)
@@ -113,6 +126,7 @@ class AdapterSet:
             self.model.add_adapter(CONTROL, config)
             self.trainable = {CONTROL}
         else:
+            check_target(path, self.model.get_base_model().config)
             self.model.load_adapter(str(path), adapter_name=CONTROL, is_trainable=False)
         self._adapters_changed()
 
@@ -186,4 +200,5 @@ class AdapterSet:
             for item in nested.iterdir():
                 item.replace(out_dir / item.name)
             nested.rmdir()
+        write_target_identity(out_dir, self.model.get_base_model().config)
         return out_dir

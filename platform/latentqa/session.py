@@ -6,20 +6,19 @@ from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
-from transformers import AutoConfig
 
 from .chat_format import ChatFormat
 from .config import LatentQAConfig
 from .data import Example
 from .layout import Batch, LaidOutExample, Layout, Mode, collate
-from .models import AdapterSet, load_base, load_tokenizer
+from .models import AdapterSet, load_base, load_model_config, load_tokenizer
 from .patching import LatentQAModel
 
 
 def layout_for(config: LatentQAConfig) -> Layout:
     """The token layout of the configured model, from its tokenizer and config alone (no weights),
     e.g. for data workers that only lay out examples."""
-    max_positions = getattr(AutoConfig.from_pretrained(config.model.path), "max_position_embeddings", None)
+    max_positions = getattr(load_model_config(config.model), "max_position_embeddings", None)
     chat_format = ChatFormat(load_tokenizer(config.model))
     return Layout(chat_format, thought_tokens=config.patch.thought_tokens, max_length=max_positions)
 

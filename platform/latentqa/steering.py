@@ -90,13 +90,15 @@ def steer(
 @torch.no_grad()
 def complete(
     lqa: LatentQA,
-    prompts: Sequence[str],
+    prompts: Sequence[str | list[dict[str, str]]],
     adapter: str | None = None,
     max_new_tokens: int = 32,
 ) -> list[str]:
-    """Greedy replies of the target (adapter None) or of the target with a control adapter."""
+    """Greedy replies of the target (adapter None) or of the target with a control adapter, to
+    user prompts or whole dialogs (lists of messages)."""
     fmt = lqa.chat_format
-    rows = [fmt.encode([fmt.render_text([{"role": "user", "content": p}], add_generation_prompt=True)])[0] for p in prompts]
+    dialogs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
+    rows = [fmt.encode([fmt.render_text(d, add_generation_prompt=True)])[0] for d in dialogs]
     ids, attention = left_pad(rows, fmt.pad_id)
     ids, attention = ids.to(lqa.device), attention.to(lqa.device)
     tokens = lqa.model.generate(

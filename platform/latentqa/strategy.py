@@ -53,6 +53,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from .model_files import write_target_identity
 from .models import decoder_blocks
 
 log = logging.getLogger(__name__)
@@ -423,9 +424,11 @@ class Strategy:
             out_dir = Path(out_dir)
             out_dir.mkdir(parents=True, exist_ok=True)
             # Written by hand: PeftModel.save_pretrained puts non-"default" adapters in a subfolder.
-            config = copy.deepcopy(find_peft_model(self.unwrapped)[1].peft_config[adapter_name])
+            peft_model = find_peft_model(self.unwrapped)[1]
+            config = copy.deepcopy(peft_model.peft_config[adapter_name])
             config.inference_mode = True
             config.save_pretrained(str(out_dir))
+            write_target_identity(out_dir, peft_model.get_base_model().config)
             tensors = {k: v.detach().contiguous() for k, v in state.items()}
             safetensors.torch.save_file(
                 tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"}

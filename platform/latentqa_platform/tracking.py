@@ -13,6 +13,7 @@ import importlib.metadata
 import json
 import re
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,8 +44,9 @@ class RunRef:
 
 
 def model_slug(path: str) -> str:
-    """`meta-llama/Meta-Llama-3-8B-Instruct` -> `meta-llama-3-8b-instruct`."""
-    return re.sub(r"[^a-z0-9]+", "-", Path(path.rstrip("/")).name.lower()).strip("-") or "model"
+    """`meta-llama/Meta-Llama-3-8B-Instruct` -> `meta-llama-3-8b-instruct`; a GGUF file by its stem."""
+    name = Path(path.rstrip("/")).name.removesuffix(".gguf")
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
 
 
 def decoder_model_name(settings: MlflowSettings, config: LatentQAConfig) -> str:
@@ -195,6 +197,28 @@ def register_adapter(run: RunRef, adapter_dir: Path, config_file: Path, name: st
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     return f"{name}/{version}"
+
+
+def register_shipped_decoder(settings: MlflowSettings, output_dir: Path, config: LatentQAConfig) -> str:
+    """Register a decoder shipped with the project (`config.model.decoder_adapter`, e.g. the one
+    `infra/configs/smollm2-135m-instruct.yaml` names) on first use; later calls find that version
+    by the hash of its weights. Returns `name/version`."""
+    adapter = Path(config.model.decoder_adapter)
+    digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+    from mlflow.tracking import MlflowClient
+
+    name = decoder_model_name(settings, config)
+    client = MlflowClient(tracking_uri(settings, output_dir))
+    for version in client.search_model_versions(f"name='{name}'"):
+        if version.tags.get("adapter_sha256") == digest:
+            return f"{name}/{version.version}"
+    run = open_run(settings, output_dir, f"shipped-{adapter.name}", flatten(json.loads(config.model_dump_json())), {"source": "shipped"})
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = Path(tmp) / "config.json"
+        config_file.write_text(config.model_dump_json(indent=2))
+        registered = register_adapter(run, adapter, config_file, name, {**decoder_tags(config), "adapter_sha256": digest, "source": "shipped"})
+    finish_run(run)
+    return registered
 
 
 def decoder_tags(config: LatentQAConfig) -> dict[str, str]:
