@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,17 +33,23 @@ def _arguments(parser) -> None:
     parser.add_argument("--layer", type=int, help="read layer (default: the config's patch.read_layer)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
+    parser.add_argument("--layers", type=int, nargs="+", default=[], help="also map identification over these read layers")
+    parser.add_argument("--map-items", type=int, help="items in the layer map (default: all)")
 
 
-def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], layer: int | None,
-                  batch_size: int, choices: int) -> dict:  # fmt: skip
+def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], args: dict) -> tuple[dict, dict]:
+    """The suite's metrics, and its report files (name -> bytes) for the run's artifacts."""
     from latentqa.config import LatentQAConfig
     from latentqa.suite import run_suite
 
     config = LatentQAConfig.model_validate_json(config_json)
     lqa = load_session(config, decoder, tracking_uri)
     examples = [raydata.example_of_row(r) for r in rows]
-    return run_suite(lqa, config.data.eval, examples, choices, layer, batch_size).as_metrics(PREFIX)
+    result = run_suite(lqa, config.data.eval, examples, args["choices"], args["layer"], args["batch_size"],
+                       args["layers"], args["map_items"])  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        report = {path.name: path.read_bytes() for path in result.write(tmp).iterdir()}
+    return result.as_metrics(PREFIX), report
 
 
 def decoder_run(decoder: str, tracking_uri: str, settings, output_dir: Path) -> tracking.RunRef:
@@ -81,8 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {found}", file=sys.stderr)
         return 2
     task = ray.remote(evaluate_task).options(num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0)
-    metrics = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, args.layer, args.batch_size, args.choices))
+    metrics, report = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, vars(args)))
     tracking.log_metrics(run, metrics, step=0)
+    with tempfile.TemporaryDirectory() as tmp:  # results.json, per_item.jsonl and the figures
+        for name, data in report.items():
+            (Path(tmp) / name).write_bytes(data)
+        run.client().log_artifacts(run.run_id, tmp, "evaluation")
     run.client().set_tag(run.run_id, f"{PREFIX}data", str(config.data.eval.path))
     if not args.decoder.startswith("models:/"):
         tracking.finish_run(run)  # the evaluation's own run

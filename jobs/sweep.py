@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402  (the recipe this sweep repeats)
 
@@ -29,9 +31,14 @@ def plot(results: list[dict], field: str, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    values = [r["value"] for r in results]
+    values = [yaml.safe_load(r["value"]) for r in results]  # numbers plot to scale
     fig, (gain_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-    gain_ax.plot(values, [r["eval/activation_gain"] for r in results], "o-")
+    gains = [r["eval/activation_gain"] for r in results]
+    # The paired 95% interval, where the run logged one (runs older than the interval have none).
+    below = [g - r.get("eval/activation_gain_ci_low", g) for g, r in zip(gains, results)]
+    above = [r.get("eval/activation_gain_ci_high", g) - g for g, r in zip(gains, results)]
+    gain_ax.errorbar(values, gains, yerr=[below, above], fmt="o-", capsize=4)
+    gain_ax.axhline(0, color="grey", linewidth=0.8)
     gain_ax.set(xlabel=field, ylabel="activation gain (shuffled - true loss)", title="held-out activation gain")
     for key, style in (("loss_true", "o-"), ("loss_shuffled", "s--"), ("loss_none", "^:")):
         loss_ax.plot(values, [r[f"eval/{key}"] for r in results], style, label=key.removeprefix("loss_"))

@@ -94,7 +94,7 @@ def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, deco
 def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     from mlflow.tracking import MlflowClient
 
-    proc = submit(ray_cluster, decoder, "evaluate.py", "--decoder", decoder.registry_uri)
+    proc = submit(ray_cluster, decoder, "evaluate.py", "--decoder", decoder.registry_uri, "--layers", "0", "1", "--map-items", "4")
     assert proc.returncode == 0, tail(proc)
     result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"loss_true"')][0])
     assert result["activation_gain"] == pytest.approx(result["loss_shuffled"] - result["loss_true"])
@@ -103,4 +103,8 @@ def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     assert {"heldout/loss_shuffled", "heldout/loss_none", "heldout/activation_gain"} <= set(metrics)
     # the suite's identification figures, for both kinds of held-out dialog
     assert metrics["heldout/choice/system/true_accuracy"] == pytest.approx(result["choice/system/true_accuracy"])
-    assert {f"heldout/choice/reply/{c}_accuracy" for c in ("true", "shuffled", "none")} <= set(metrics)
+    assert {f"heldout/choice/reply/{c}_accuracy" for c in ("true", "shuffled", "none", "text", "prompting")} <= set(metrics)
+    assert {"heldout/layer_map/0/true_accuracy", "heldout/layer_map/1/shuffled_accuracy"} <= set(metrics)
+    # the report as artifacts of the decoder's run: results, the per-item table, the figures
+    artifacts = {a.path for a in MlflowClient(decoder.tracking_uri).list_artifacts(decoder.run_id, "evaluation")}
+    assert {f"evaluation/{name}" for name in ("results.json", "per_item.jsonl", "choice_accuracy.png", "layer_map.png")} <= artifacts

@@ -25,5 +25,59 @@ def test_picks_match_scoring_each_candidate_alone(offline_session):
         ranked = score(offline_session, item.dialog.messages, item.question, list(item.candidates))
         assert item.candidates[pick] == ranked[0].answer
     metrics = result.as_metrics()
-    assert set(metrics) == {f"eval/choice/reply/{c}_accuracy" for c in ("true", "shuffled", "none")}
+    assert set(metrics) == {f"eval/choice/reply/{c}_accuracy" for c in ("true", "shuffled", "none", "text", "prompting")}
     assert metrics["eval/choice/reply/true_accuracy"] == sum(result.correct("true")) / len(items)
+
+
+def test_baselines_score_the_dialog_as_text(offline_session):
+    """"text": the decoder reads the read span's tokens in place of the placeholders; "prompting":
+    the plain target scores the candidate as its reply to the question after the dialog."""
+    from latentqa.identification import _write
+    from latentqa.layout import IGNORE_INDEX
+
+    lqa = offline_session
+    item = [item for item in choice_items(OFFLINE_HELDOUT, k=3) if item.setting == "system"][0]
+    read = lqa.layout.read_side(item.dialog)
+    text = _write(lqa, "text", item, read, item.candidates[0])
+    start, end = text.patched_span
+    assert text.ids[start:end] == read.ids[read.patched_span[0] : read.patched_span[1]]
+    placeholders = _write(lqa, "true", item, read, item.candidates[0])
+    assert text.ids[:start] == placeholders.ids[:start] and text.ids[end:] == placeholders.ids[end:]
+    prompt = _write(lqa, "prompting", item, read, item.candidates[0])
+    decoded = lqa.tokenizer.decode(prompt.ids)
+    assert item.dialog.messages[0]["content"] in decoded and item.question in decoded  # the target sees the text
+    answer = [t for t, label in zip(prompt.ids, prompt.labels) if label != IGNORE_INDEX]
+    assert lqa.tokenizer.decode(answer).startswith(item.candidates[0])
+
+
+def test_layer_map_reads_every_layer_from_one_target_pass(offline_session):
+    from latentqa.identification import layer_map
+
+    items = choice_items(OFFLINE_HELDOUT, k=3)[:6]
+    calls = []
+    original = offline_session.model.target_activations
+    offline_session.model.target_activations = lambda batch, layers, **kw: calls.append(list(layers)) or original(batch, layers, **kw)
+    try:
+        by_layer = layer_map(offline_session, items, [0, 1, 2, 3], batch_size=16)
+    finally:
+        del offline_session.model.target_activations
+    assert calls == [[0, 1, 2, 3]]  # six dialogs, one batch, one pass for all four layers
+    single = multiple_choice(offline_session, items, read_layer=2, batch_size=16)
+    assert by_layer[2].chosen["true"] == single.chosen["true"] and by_layer[2].chosen["shuffled"] == single.chosen["shuffled"]
+
+
+def test_suite_writes_results_per_item_table_and_figures(offline_session, tmp_path):
+    import json
+
+    from latentqa.data import DatasetSpec, load_examples
+    from latentqa.suite import run_suite
+
+    spec = DatasetSpec(path=OFFLINE_HELDOUT)
+    result = run_suite(offline_session, spec, load_examples(spec)[:24], layers=[0, 1], map_items=4)
+    folder = result.write(tmp_path / "report")
+    assert sorted(p.name for p in folder.iterdir()) == ["choice_accuracy.png", "layer_map.png", "per_item.jsonl", "results.json"]
+    metrics = json.loads((folder / "results.json").read_text())
+    assert metrics["examples"] == 24 and metrics["choice/items"] == len(result.choice.items)
+    assert set(metrics) >= {"layer_map/0/true_accuracy", "layer_map/1/shuffled_accuracy", "choice/system/prompting_accuracy"}
+    rows = [json.loads(line) for line in (folder / "per_item.jsonl").read_text().splitlines()]
+    assert len(rows) == len(result.choice.items) and sum(r["true"] for r in rows) == sum(result.choice.correct("true"))

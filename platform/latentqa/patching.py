@@ -159,15 +159,18 @@ class LatentQAModel(nn.Module):
             pos = pos + (read_pad + batch.verb_lengths).unsqueeze(1)
         return pos
 
-    def decoder_token_losses(self, batch: Batch, acts: torch.Tensor | None, shift: bool) -> torch.Tensor:
+    def decoder_token_losses(
+        self, batch: Batch, acts: torch.Tensor | None, shift: bool, adapter: str | None = DECODER
+    ) -> torch.Tensor:
         """Per-token cross-entropy of the labels, (B, T-1), zero where ignored.
 
         Only labelled positions go through the LM head: with a 128k vocabulary the full
-        logits would dwarf everything else in memory.
+        logits would dwarf everything else in memory. `adapter=None` (and no `acts`) scores the
+        write side with the plain target instead of the decoder.
         """
         assert batch.labels is not None, "decoder losses need a batch laid out in train or score mode"
         causal_lm = self.peft_model.get_base_model()
-        with self.adapters.use(DECODER), self.patched(batch.write_patch_mask, acts):
+        with self.adapters.use(adapter), self.patched(batch.write_patch_mask, acts):
             hidden = causal_lm.get_decoder()(
                 input_ids=batch.write_ids,
                 attention_mask=batch.write_attention,
@@ -190,9 +193,11 @@ class LatentQAModel(nn.Module):
         count = (batch.labels[:, 1:] != IGNORE_INDEX).sum().clamp(min=1)
         return token_losses.sum() / count
 
-    def example_losses(self, batch: Batch, acts: torch.Tensor | None, shift: bool) -> torch.Tensor:
+    def example_losses(
+        self, batch: Batch, acts: torch.Tensor | None, shift: bool, adapter: str | None = DECODER
+    ) -> torch.Tensor:
         """Mean cross-entropy per example (score mode: the loss of each candidate answer)."""
-        token_losses = self.decoder_token_losses(batch, acts, shift)
+        token_losses = self.decoder_token_losses(batch, acts, shift, adapter)
         counts = (batch.labels[:, 1:] != IGNORE_INDEX).sum(-1).clamp(min=1)
         return token_losses.sum(-1) / counts
 

@@ -4,18 +4,24 @@
 - loss with true, shuffled and no activations, and the activation gain with its paired 95%
   interval (`latentqa.evaluation`);
 - multiple-choice identification of held-out personas and goals, top-1 accuracy with true,
-  shuffled and no activations, for system-prompt and reply-only dialogs (`latentqa.identification`).
+  shuffled and no activations and the text and prompting baselines, for system-prompt and
+  reply-only dialogs (`latentqa.identification`);
+- optionally a layer map: identification with activations read at each of a set of layers.
+
+`SuiteResult.write(folder)` leaves `results.json`, `per_item.jsonl` (which items each condition
+gets right) and the figures `choice_accuracy.png` and, with a layer map, `layer_map.png`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from .data import DatasetSpec, Example, load_examples
 from .evaluation import EvalResult, evaluate
-from .identification import ChoiceResult, choice_items, multiple_choice
+from .identification import CONDITIONS, ChoiceResult, choice_items, layer_map, multiple_choice
 from .session import LatentQA
 
 
@@ -23,12 +29,16 @@ from .session import LatentQA
 class SuiteResult:
     loss: EvalResult
     choice: ChoiceResult | None  # None where the set has no persona/goal dialogs to choose for
+    read_layer: int
+    layers: dict[int, ChoiceResult] = field(default_factory=dict)  # the layer map, if asked for
 
     def as_metrics(self, prefix: str = "eval/") -> dict[str, float]:
         metrics = {**self.loss.as_metrics(prefix), f"{prefix}examples": self.loss.examples}
         if self.choice:
             metrics.update(self.choice.as_metrics(f"{prefix}choice/"))
             metrics[f"{prefix}choice/items"] = len(self.choice.items)
+        for layer, result in self.layers.items():
+            metrics.update({f"{prefix}layer_map/{layer}/{c}_accuracy": result.accuracy(c) for c in result.chosen})
         return metrics
 
     def per_item(self) -> list[dict]:
@@ -39,12 +49,67 @@ class SuiteResult:
         return [{"label": item.label, "setting": item.setting, **{c: hits[c][i] for c in hits}}
                 for i, item in enumerate(self.choice.items)]  # fmt: skip
 
+    def write(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "results.json").write_text(json.dumps(self.as_metrics(prefix=""), indent=2) + "\n")
+        (folder / "per_item.jsonl").write_text("".join(json.dumps(row) + "\n" for row in self.per_item()))
+        if self.choice:
+            self._plot_choice(folder / "choice_accuracy.png")
+        if self.layers:
+            self._plot_layers(folder / "layer_map.png")
+        return folder
+
+    def _plot_choice(self, out: Path) -> None:
+        plt = _pyplot()
+        settings = sorted({item.setting for item in self.choice.items})
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        width = 0.8 / len(settings)
+        for s, setting in enumerate(settings):
+            count = sum(item.setting == setting for item in self.choice.items)
+            values = [self.choice.accuracy(c, setting) for c in CONDITIONS]
+            ax.bar([i + s * width for i in range(len(CONDITIONS))], values, width, label=f"{setting} ({count} items)")
+        k = len(self.choice.items[0].candidates)
+        ax.axhline(1 / k, color="grey", linestyle="--", linewidth=1, label=f"chance (1/{k})")
+        ax.set_xticks([i + width * (len(settings) - 1) / 2 for i in range(len(CONDITIONS))], CONDITIONS)
+        ax.set(ylabel="top-1 accuracy", ylim=(0, 1), title=f"{k}-way identification of held-out labels")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+
+    def _plot_layers(self, out: Path) -> None:
+        plt = _pyplot()
+        layers = sorted(self.layers)
+        fig, ax = plt.subplots(figsize=(8, 3.8))
+        for condition, style in (("true", "o-"), ("shuffled", "s--")):
+            ax.plot(layers, [self.layers[layer].accuracy(condition) for layer in layers], style, label=f"{condition} activations")
+        ax.axvline(self.read_layer, color="grey", linestyle=":", label=f"the decoder was trained at layer {self.read_layer}")
+        ax.set(xlabel="read layer", ylabel="top-1 accuracy", ylim=(0, 1), title="identification by read layer")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
 
 def run_suite(lqa: LatentQA, spec: DatasetSpec, examples: Sequence[Example] | None = None, choices: int = 4,
-              read_layer: int | None = None, batch_size: int = 16) -> SuiteResult:  # fmt: skip
+              read_layer: int | None = None, batch_size: int = 16, layers: Sequence[int] = (),
+              map_items: int | None = None) -> SuiteResult:  # fmt: skip
     """Every figure over the held-out set `spec` (`examples`: its examples, if already loaded).
-    Identification items are built from the set's local files; a remote set gets the loss only."""
-    loss = evaluate(lqa, load_examples(spec) if examples is None else examples, read_layer=read_layer, batch_size=batch_size)
+    Identification items are built from the set's local files; a remote set gets the loss only.
+    `layers` adds a layer map over the first `map_items` items (all when None)."""
+    layer = lqa.config.patch.read_layer if read_layer is None else read_layer
+    loss = evaluate(lqa, load_examples(spec) if examples is None else examples, read_layer=layer, batch_size=batch_size)
     items = choice_items(spec.path, k=choices, seed=spec.seed) if Path(spec.path).is_dir() else []
-    choice = multiple_choice(lqa, items, read_layer=read_layer, batch_size=batch_size) if items else None
-    return SuiteResult(loss, choice)
+    choice = multiple_choice(lqa, items, read_layer=layer, batch_size=batch_size) if items else None
+    by_layer = layer_map(lqa, items[:map_items], layers, batch_size) if items and layers else {}
+    return SuiteResult(loss, choice, layer, by_layer)
