@@ -18,7 +18,7 @@ from latentqa.training import strategy_config
 from latentqa_platform.settings import load_job_config
 
 INFRA = PROJECT_ROOT / "infra"
-CONFIGS = sorted((INFRA / "configs").glob("*.yaml"))
+CONFIGS = sorted((INFRA / "configs").glob("llama3-*.yaml"))  # the GPU-cluster configs (CPU ones: test_real_models)
 DEEPSPEED_CONFIGS = [p for p in CONFIGS if yaml.safe_load(p.read_text()).get("strategy", {}).get("kind") == "deepspeed"]
 DEEPSPEED_JSONS = sorted((INFRA / "deepspeed").glob("*.json"))
 MANIFESTS = sorted((INFRA / "kuberay").glob("*.yaml"))

@@ -63,7 +63,7 @@ def test_the_shipped_decoder_reads_smollm2():
 
     lqa = LatentQA.load(prepared(SMOLLM2))
     items = [item for item in choice_items(SPLIT / "heldout") if item.setting == "system"][:24]
-    result = multiple_choice(lqa, items)
+    result = multiple_choice(lqa, items, conditions=("true", "shuffled"))
     # 4-way choice on held-out personas and goals: chance is 0.25 (docs/real-models.md has the full figures)
     assert result.accuracy("true") >= 0.5, result.as_metrics()
     assert result.accuracy("true") > result.accuracy("shuffled") + 0.15, result.as_metrics()

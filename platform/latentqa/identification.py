@@ -89,12 +89,13 @@ class ChoiceResult:
                 for setting in settings for condition in self.chosen}  # fmt: skip
 
 
-def multiple_choice(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16) -> ChoiceResult:
-    """Each item's pick under every condition; one target pass per dialog."""
+def multiple_choice(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16,
+                    conditions: Sequence[str] = CONDITIONS) -> ChoiceResult:  # fmt: skip
+    """Each item's pick under each of `conditions`; one target pass per dialog."""
     layer = lqa.config.patch.read_layer if read_layer is None else read_layer
     with lqa.model.evaluating():
         reads, acts = _read_all(lqa, items, [layer], batch_size)
-        return _choose(lqa, items, reads, acts[layer], CONDITIONS, batch_size)
+        return _choose(lqa, items, reads, acts[layer], conditions, batch_size)
 
 
 def layer_map(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int], batch_size: int = 16) -> dict[int, ChoiceResult]:
