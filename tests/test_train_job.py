@@ -192,7 +192,8 @@ def test_mlflow_run_and_registered_model(ddp_run, tmp_path):
     client = MlflowClient(f"sqlite:///{ddp_run['out'] / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("latentqa")
     assert experiment.artifact_location == (ddp_run["out"] / "mlartifacts").as_uri()
-    [run] = client.search_runs([experiment.experiment_id])  # the stopped run and its resume: one run
+    # the stopped run and its resume: one run (beside it, the shipped SmolLM2 decoder's registration)
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'ddp'")
     assert run.info.status == "FINISHED"
     params, tags = run.data.params, run.data.tags
     assert params["train.max_steps"] == str(STEPS) and params["strategy.kind"] == "ddp"
