@@ -206,7 +206,7 @@ def test_mlflow_run_and_registered_model(ddp_run, tmp_path):
         assert key in run.data.metrics
     assert run.data.metrics["train/tokens_per_s"] > run.data.metrics["train/label_tokens_per_s"] > 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "decoder")} == {
-        "decoder/adapter_config.json", "decoder/adapter_model.safetensors"}  # fmt: skip
+        "decoder/adapter_config.json", "decoder/adapter_model.safetensors", "decoder/latentqa_target.json"}  # fmt: skip
     assert "loss_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     [version] = client.search_model_versions("name='latentqa-decoder-tiny-llama'")
     assert version.run_id == run.info.run_id
