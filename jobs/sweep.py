@@ -22,8 +22,6 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train  # noqa: E402  (the recipe this sweep repeats)
 
-from latentqa.config import load_config  # noqa: E402
-
 
 def plot(results: list[dict], field: str, out: Path) -> None:
     import matplotlib
@@ -54,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--values", nargs="+", required=True, help="values to try (read as YAML scalars)")
     parser.add_argument("--name", default="sweep", help="sweep name: runs are <name>-<value>")
     args, overrides = parser.parse_known_args(argv)
-    output_dir = Path(load_config(overrides={"train": {}}).train.output_dir)
-    for i, arg in enumerate(overrides):
-        if arg == "--train.output_dir":
-            output_dir = Path(overrides[i + 1])
+    output_dir = Path(train.parse_args(overrides)[0].train.output_dir)  # validated as the runs will be
     results = []
     for value in args.values:
         run_name = f"{args.name}-{value}"

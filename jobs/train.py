@@ -211,7 +211,7 @@ def show_a_real_reading(settings: JobSettings, output_dir: Path) -> None:
         print(f"mlflow: the shipped SmolLM2 decoder is {tracking.register_shipped_decoder(settings.mlflow, output_dir, shipped)}")
     print("\nThe offline target is a random network, so the answers above are noise. The decoder shipped for "
           "SmolLM2-135M-Instruct, a real model, reading held-out personas and goals it was never trained on:")  # fmt: skip
-    showcase()
+    showcase(shipped)
 
 
 # ---------------------------------------------------------------- the job

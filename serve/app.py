@@ -486,14 +486,16 @@ def build_app(args: dict) -> serve.Application:
     args = dict(args)
     if "settings" in args:
         args = {**yaml.safe_load(Path(args.pop("settings")).read_text()), **args}
+    model = ServeSettings.model_validate(args).engine_config().model
     if not args.get("decoders"):  # the config's own decoder (e.g. a shipped one), else the latest trained
-        named = ServeSettings.model_validate(args).engine_config().model.decoder_adapter
+        named = model.decoder_adapter
         args["decoders"] = {Path(named).name: named} if named else {"latest": str(latest_decoder())}
     settings = ServeSettings.model_validate(args)
+    target = load_model_config(model)
     for folder in settings.decoders.values():  # a wrong base fails here in one line, not in the replicas
         if Path(folder).is_dir():
             try:
-                check_target(folder, load_model_config(settings.engine_config().model))
+                check_target(folder, target)
             except WrongTarget as err:
                 raise SystemExit(f"cannot serve: {err}") from None
     return application(settings)

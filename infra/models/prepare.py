@@ -13,7 +13,6 @@ cached Hugging Face folder that `model.path` then resolves to (`latentqa.model_f
 from __future__ import annotations
 
 import importlib.util
-import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,7 +46,6 @@ def gemma3() -> Path:
 
 
 def main() -> None:
-    sys.path.insert(0, str(HERE.parents[1] / "platform"))
     from latentqa.model_files import hf_folder
 
     GGUF_DIR.mkdir(exist_ok=True)

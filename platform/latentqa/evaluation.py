@@ -9,6 +9,7 @@ is over the examples' paired differences (each example's mean loss, shuffled min
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -42,12 +43,11 @@ class EvalResult:
 
 def paired_interval(differences: Sequence[float], z: float = 1.96) -> tuple[float, float]:
     """Normal-approximation interval of the mean of paired differences."""
-    n = len(differences)
-    mean = sum(differences) / n
-    if n < 2:
+    mean = statistics.fmean(differences)
+    if len(differences) < 2:
         return mean, mean
-    sd = math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1))
-    return mean - z * sd / math.sqrt(n), mean + z * sd / math.sqrt(n)
+    half = z * statistics.stdev(differences) / math.sqrt(len(differences))
+    return mean - half, mean + half
 
 
 def shuffled_partners(examples: Sequence, key: Callable = lambda example: example.record.label) -> list[int]:

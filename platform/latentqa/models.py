@@ -126,9 +126,13 @@ class AdapterSet:
             self.model.add_adapter(CONTROL, config)
             self.trainable = {CONTROL}
         else:
-            check_target(path, self.model.get_base_model().config)
-            self.model.load_adapter(str(path), adapter_name=CONTROL, is_trainable=False)
+            self.load_frozen(path, CONTROL)
         self._adapters_changed()
+
+    def load_frozen(self, folder: str | Path, name: str) -> None:
+        """Load a saved adapter under `name`, untrainable, after checking it fits this target."""
+        check_target(folder, self.model.get_base_model().config)
+        self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
 
     def remove_control(self) -> None:
         """Drop the control adapter; the decoder becomes trainable again if it was."""

@@ -15,19 +15,20 @@ import sys
 import textwrap
 from pathlib import Path
 
-from .config import load_config
+from .config import LatentQAConfig, load_config
 from .data import QA_FILE, load_qa, load_records
 from .paths import PROJECT_ROOT
 
 SHIPPED_CONFIG = PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml"
 
 
-def showcase(config_path: str | Path = SHIPPED_CONFIG, count: int = 3, seed: int = 0, out=sys.stdout) -> list[dict]:
+def showcase(config: LatentQAConfig | None = None, count: int = 3, seed: int = 0, out=sys.stdout) -> list[dict]:
+    """Read `count` held-out labels with `config`'s decoder (default: the shipped SmolLM2 one)."""
     from .reading import read
     from .session import LatentQA
     from .steering import complete
 
-    config = load_config(config_path)
+    config = config or load_config(SHIPPED_CONFIG)
     held_out = Path(config.data.eval.path)
     qa = load_qa(held_out / QA_FILE)
     records = [r for r in load_records(held_out / "system.json") if r.label.split("-")[0] in ("persona", "goal")]

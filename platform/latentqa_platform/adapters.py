@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 from latentqa.config import LatentQAConfig
-from latentqa.model_files import check_target
 from latentqa.models import AdapterSet
 
 from .serving import RequestError, UnknownAdapter
@@ -114,8 +113,7 @@ class SharedAdapters(AdapterSet):
         self.routes: dict[str, str] = {}
 
     def load(self, folder: Path, name: str) -> None:
-        check_target(folder, self.model.get_base_model().config)
-        self.model.load_adapter(str(folder), adapter_name=name, is_trainable=False)
+        self.load_frozen(folder, name)
         self._adapters_changed()
 
     def unload(self, name: str) -> None:
