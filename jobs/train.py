@@ -15,7 +15,8 @@ The recipe, top to bottom:
            (ddp, fsdp or deepspeed), streams its shard through `latentqa.training.fit`, evaluates
            and checkpoints every `ray.checkpoint_every` steps; the same run name resumes;
 4. track   one MLflow run per run name (config, data hashes, code version, metrics, loss curves,
-           the adapter), the decoder registered as `latentqa-decoder-<target model>`;
+           the adapter), every checkpoint a logged model of the run at its step (linked to that
+           step's metrics), the final one registered as `latentqa-decoder-<target model>`;
 5. read    the new decoder reads a held-out dialog and the answers are printed; on the offline
            default (a random network, whose answers are noise) the shipped SmolLM2 decoder then
            reads held-out dialogs of a real model (`latentqa.showcase`), where SmolLM2 is prepared.
@@ -133,8 +134,13 @@ def train_loop_per_worker(ctx: dict) -> None:
                 strategy.save_adapter(Path(folder) / "adapter", DECODER)  # PEFT format, written by rank 0
             # Optimizer, scheduler and RNG; under deepspeed every rank writes its shard.
             strategy.save_training_state(Path(folder) / "state")
-            if strategy.is_main:  # the data position and the metrics so far
+            if strategy.is_main:  # the data position and the metrics so far, the config
                 (Path(folder) / "progress.json").write_text(json.dumps(dataclasses.asdict(progress)))
+                (Path(folder) / "config.json").write_text(ctx["config"])
+                if run:  # the checkpoint as a logged model of the run, linked to this step's metrics
+                    model_id = tracking.log_decoder(run, Path(folder) / "adapter", Path(folder) / "config.json", name,
+                                                    progress.step, {"ray_checkpoint": name})  # fmt: skip
+                    (Path(folder) / "mlflow_model.json").write_text(json.dumps({"model_id": model_id}))
             # Every rank reports its folder; Ray merges them into one checkpoint directory.
             ray.train.report({**metrics, "step": progress.step, "epoch": progress.epoch},
                              checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)  # fmt: skip
@@ -320,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     with result.checkpoint.as_directory() as folder:
         shutil.copytree(Path(folder) / "adapter", run_dir / "decoder")
         history = json.loads((Path(folder) / "progress.json").read_text())["history"]
+        logged = json.loads((Path(folder) / "mlflow_model.json").read_text())["model_id"] if run else None
     (run_dir / "config.json").write_text(config.model_dump_json(indent=2))  # as `latentqa train` writes it
     job = {**json.loads(settings.model_dump_json()), "strategy": strategy.model_dump(mode="json")}
     (run_dir / "job.json").write_text(json.dumps(job, indent=2))
@@ -331,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
             run.client().log_artifact(run.run_id, str(run_dir / name))
         tracking.log_loss_curves(run, history)
         name = tracking.decoder_model_name(settings.mlflow, config)
-        registered = tracking.register_adapter(run, run_dir / "decoder", run_dir / "config.json", name, tracking.decoder_tags(config))
+        registered = tracking.register_decoder(run.tracking_uri, logged, name, tracking.decoder_tags(config))
         tracking.finish_run(run)
         print(f"mlflow: registered model version {registered}")
 

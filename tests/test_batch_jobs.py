@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import import_job, job_env, tail
-from trained_decoder import trained_decoder
+from trained_decoder import DECODER_MODEL, trained_decoder
 
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
 
@@ -103,8 +103,16 @@ def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     assert {"heldout/loss_shuffled", "heldout/loss_none", "heldout/activation_gain"} <= set(metrics)
     # the suite's identification figures, for both kinds of held-out dialog
     assert metrics["heldout/choice/system/true_accuracy"] == pytest.approx(result["choice/system/true_accuracy"])
-    assert {f"heldout/choice/reply/{c}_accuracy" for c in ("true", "shuffled", "none", "text", "prompting")} <= set(metrics)
+    assert {f"heldout/{task}/reply/{c}_accuracy" for task in ("choice", "reading")
+            for c in ("true", "shuffled", "none", "text", "prompting")} <= set(metrics)  # fmt: skip
     assert {"heldout/layer_map/0/true_accuracy", "heldout/layer_map/1/shuffled_accuracy"} <= set(metrics)
     # the report as artifacts of the decoder's run: results, the per-item table, the figures
-    artifacts = {a.path for a in MlflowClient(decoder.tracking_uri).list_artifacts(decoder.run_id, "evaluation")}
-    assert {f"evaluation/{name}" for name in ("results.json", "per_item.jsonl", "choice_accuracy.png", "layer_map.png")} <= artifacts
+    client = MlflowClient(decoder.tracking_uri)
+    artifacts = {a.path for a in client.list_artifacts(decoder.run_id, "evaluation/adapter_model")}
+    names = ("results.json", "per_item.jsonl", "choice_accuracy.png", "layer_map.png")
+    assert {f"evaluation/adapter_model/{name}" for name in names} <= artifacts
+    # the metrics are also the registered logged model's, so the UI lists them beside it
+    from latentqa_platform.tracking import logged_model_id
+
+    model = client.get_logged_model(logged_model_id(f"models:/{DECODER_MODEL}/{decoder.version}", client))
+    assert {m.key: m.value for m in model.metrics}["heldout/loss_true"] == pytest.approx(result["loss_true"])

@@ -33,19 +33,21 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
     if not PAPER_EVAL.exists():
         pytest.skip(f"{PAPER_EVAL} is absent")
     out = tmp_path / "bench"
-    argv = [*TINY, "--only", "read", "train_step", "early_exit", "layout", "memory", "--output", str(out),
+    argv = [*TINY, "--only", "read", "train_step", "early_exit", "suite", "layout", "memory", "--output", str(out),
+            "--suite-items", "4",
             "--layout-examples", "10", "--layout-tokenizer", str(llama3_tokenizer_dir),
             "--memory-hidden", "64", "--memory-layers", "2", "--memory-intermediate", "128"]  # fmt: skip
     assert _job().main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in result["results"]]
-    assert names == ["early exit", "read overhead", "train step", "layout", "memory"]
+    assert names == ["early exit", "read overhead", "evaluation suite", "train step", "layout", "memory"]
     for r in result["results"]:
         assert KEYS <= set(r), r
         assert r["measured"] > 0 and r["baseline"] > 0 and r["ratio"] > 0
         assert isinstance(r["met"], bool)
     assert result["results"][1]["details"]["generate_new_tokens"] == 4  # both sides generate every token
-    assert "two_copies_mb" in result["results"][4]["details"]
+    assert result["results"][2]["details"]["scored_rows"] == 4 * 4 * 5  # items x candidates x conditions
+    assert "two_copies_mb" in result["results"][5]["details"]
     table = (out / "results.md").read_text()
     assert "| figure | measured | baseline | unit | ratio | target | met |" in table
     for name in names:

@@ -32,18 +32,18 @@ def test_picks_match_scoring_each_candidate_alone(offline_session):
 def test_baselines_score_the_dialog_as_text(offline_session):
     """"text": the decoder reads the read span's tokens in place of the placeholders; "prompting":
     the plain target scores the candidate as its reply to the question after the dialog."""
-    from latentqa.identification import _write
+    from latentqa.identification import condition_write_side
     from latentqa.layout import IGNORE_INDEX
 
     lqa = offline_session
     item = [item for item in choice_items(OFFLINE_HELDOUT, k=3) if item.setting == "system"][0]
     read = lqa.layout.read_side(item.dialog)
-    text = _write(lqa, "text", item, read, item.candidates[0])
+    text = condition_write_side(lqa, "text", item, read, item.candidates[0])
     start, end = text.patched_span
     assert text.ids[start:end] == read.ids[read.patched_span[0] : read.patched_span[1]]
-    placeholders = _write(lqa, "true", item, read, item.candidates[0])
+    placeholders = condition_write_side(lqa, "true", item, read, item.candidates[0])
     assert text.ids[:start] == placeholders.ids[:start] and text.ids[end:] == placeholders.ids[end:]
-    prompt = _write(lqa, "prompting", item, read, item.candidates[0])
+    prompt = condition_write_side(lqa, "prompting", item, read, item.candidates[0])
     decoded = lqa.tokenizer.decode(prompt.ids)
     assert item.dialog.messages[0]["content"] in decoded and item.question in decoded  # the target sees the text
     answer = [t for t, label in zip(prompt.ids, prompt.labels) if label != IGNORE_INDEX]
@@ -73,11 +73,66 @@ def test_suite_writes_results_per_item_table_and_figures(offline_session, tmp_pa
     from latentqa.suite import run_suite
 
     spec = DatasetSpec(path=OFFLINE_HELDOUT)
-    result = run_suite(offline_session, spec, load_examples(spec)[:24], layers=[0, 1], map_items=4)
+    result = run_suite(offline_session, spec, load_examples(spec)[:24], layers=[0, 1], map_items=4, max_new_tokens=6)
     folder = result.write(tmp_path / "report")
     assert sorted(p.name for p in folder.iterdir()) == ["choice_accuracy.png", "layer_map.png", "per_item.jsonl", "results.json"]
     metrics = json.loads((folder / "results.json").read_text())
-    assert metrics["examples"] == 24 and metrics["choice/items"] == len(result.choice.items)
-    assert set(metrics) >= {"layer_map/0/true_accuracy", "layer_map/1/shuffled_accuracy", "choice/system/prompting_accuracy"}
+    assert metrics["examples"] == 24 and metrics["choice/items"] == metrics["reading/items"] == len(result.choice.items)
+    assert set(metrics) >= {"layer_map/0/true_accuracy", "layer_map/1/shuffled_accuracy", "choice/system/prompting_accuracy",
+                            "reading/reply/text_accuracy"}  # fmt: skip
     rows = [json.loads(line) for line in (folder / "per_item.jsonl").read_text().splitlines()]
-    assert len(rows) == len(result.choice.items) and sum(r["true"] for r in rows) == sum(result.choice.correct("true"))
+    assert len(rows) == len(result.choice.items)
+    assert sum(r["choice/true"] for r in rows) == sum(result.choice.correct("true"))
+    assert sum(r["reading/none"] for r in rows) == sum(result.reading.correct("none"))
+    assert [r["reading/prompting/answer"] for r in rows] == result.reading.answers["prompting"]
+
+
+def test_suite_runs_the_tasks_asked_for(offline_session):
+    import pytest
+
+    from latentqa.data import DatasetSpec
+    from latentqa.suite import run_suite
+
+    spec = DatasetSpec(path=OFFLINE_HELDOUT)
+    only = run_suite(offline_session, spec, tasks=["reading"], max_new_tokens=4)
+    assert only.loss is None and only.choice is None and only.reading is not None
+    assert {k.split("/")[1] for k in only.as_metrics()} == {"reading"}
+    with pytest.raises(ValueError, match=r"unknown suite task\(s\) \['judge'\]; the tasks are loss, choice, reading"):
+        run_suite(offline_session, spec, tasks=["choice", "judge"])
+
+
+def test_open_ended_answers_are_the_decoders_readings(offline_session):
+    """"true" answers are what `read` says about the same dialog; "prompting" answers are the
+    target's own replies to the question after its dialog; each answer is judged by the rule."""
+    import random
+
+    from latentqa.identification import _asking, closest_candidate, open_ended
+    from latentqa.reading import read
+    from latentqa.steering import complete
+
+    items = [item for item in choice_items(OFFLINE_HELDOUT, k=3) if item.setting == "reply"][:3]
+    result = open_ended(offline_session, items, batch_size=2, max_new_tokens=8)
+    assert set(result.answers) == {"true", "shuffled", "none", "text", "prompting"}
+    assert result.answers["true"] == [read(offline_session, [i.dialog.messages], [i.question], max_new_tokens=8)[0][0] for i in items]
+    assert result.answers["prompting"] == complete(offline_session, [_asking(i) for i in items], None, 8)
+    judge = random.Random(0)
+    for condition, answers in result.answers.items():  # the picks follow from the answers (ties drawn in order)
+        assert result.chosen[condition] == [closest_candidate(a, i.candidates, judge, i.question) for a, i in zip(answers, items)]
+
+
+def test_the_judge_matches_answers_to_descriptions_by_content_words():
+    import random
+
+    from latentqa.identification import closest_candidate, word_overlap
+
+    candidates = ["The assistant is a pirate who sails the seas.", "The assistant is a chef cooking pasta.",
+                  "It will express itself as a calm robot."]  # fmt: skip
+    assert closest_candidate("Arr, a pirate on the seas!", candidates, random.Random(0)) == 0
+    assert closest_candidate("I love cooking pasta", candidates, random.Random(0)) == 1
+    assert word_overlap("the assistant is a", "The assistant is a chef.") == 0.0  # stopwords tell nothing apart
+    # the question's own words do not count: echoing "express itself" favours no candidate
+    assert word_overlap("It will express itself.", candidates[2], "How will the assistant express itself?") == 0.0
+    assert word_overlap("It will express itself.", candidates[2]) > 0
+    # an answer that shares nothing is a draw among all candidates, not a pick of the first
+    picks = {closest_candidate("zzz", candidates, random.Random(seed)) for seed in range(20)}
+    assert picks == {0, 1, 2}

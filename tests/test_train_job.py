@@ -46,6 +46,13 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(h["step"], h["train/loss"]) for h in history if "train/loss" in h]  # not the step-0 eval
 
 
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
 # ---------------------------------------------------------------- fast: config and data
 
 
@@ -220,6 +227,101 @@ def test_mlflow_run_and_registered_model(ddp_run, tmp_path):
     assert (registered / "adapter_model.safetensors").read_bytes() == saved.read_bytes()
     with pytest.raises(FileNotFoundError, match="models:/latentqa-decoder-tiny-llama/99"):
         tracking.resolve_adapter("models:/latentqa-decoder-tiny-llama/99", client.tracking_uri, tmp_path)
+
+
+@pytest.mark.slow
+def test_every_checkpoint_is_a_logged_model_at_its_step(ddp_run, tmp_path):
+    """Each checkpoint (before the stop and after the resume) is a logged model of the run at its
+    step, linked to that step's metrics; the final one is the registered version; any one resolves
+    to the adapter Ray saved, so it can be evaluated or registered."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ddp_run['out'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("latentqa")
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'ddp'")
+    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id]) if m.source_run_id == run.info.run_id}
+    middle, final = f"checkpoint_{CHECKPOINT_AT:06d}", f"checkpoint_{STEPS:06d}_final"
+    assert set(models) == {middle, final}
+    assert {o.model_id: o.step for o in run.outputs.model_outputs} == {models[middle].model_id: CHECKPOINT_AT,
+                                                                       models[final].model_id: STEPS}  # fmt: skip
+    linked = {m.key: m for m in models[middle].metrics}
+    assert {"train/loss", "eval/loss_true", "eval/activation_gain"} <= set(linked)
+    assert {m.step for m in linked.values()} == {CHECKPOINT_AT}
+    [loss] = [m.value for m in client.get_metric_history(run.info.run_id, "eval/loss_true") if m.step == CHECKPOINT_AT][:1]
+    assert linked["eval/loss_true"].value == loss
+    assert "final/loss_true" in {m.key for m in models[final].metrics}
+    [version] = client.search_model_versions("name='latentqa-decoder-tiny-llama'")
+    assert version.source == f"models:/{models[final].model_id}"
+    adapter = tracking.resolve_adapter(f"models:/{models[middle].model_id}", client.tracking_uri, tmp_path)
+    saved = ddp_run["run_dir"] / middle / "adapter" / "adapter_model.safetensors"
+    assert (adapter / "adapter_model.safetensors").read_bytes() == saved.read_bytes()
+    assert str(json.loads((adapter.parent / "config.json").read_text())["patch"]["read_layer"]) == run.data.params["patch.read_layer"]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_is_evaluated_at_its_step(ray_cluster, ddp_run):
+    """`jobs/evaluate.py --decoder models:/<checkpoint's model id>`: the suite's metrics go to the
+    training run at the checkpoint's step, linked to that checkpoint, its report beside them."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{ddp_run['out'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("latentqa")
+    [run] = client.search_runs([experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'ddp'")
+    name = f"checkpoint_{CHECKPOINT_AT:06d}"
+    [model] = [m for m in client.search_logged_models([experiment.experiment_id]) if m.name == name]
+    proc = subprocess.run(
+        [sys.executable, str(PROJECT_ROOT / "jobs" / "evaluate.py"), "--decoder", f"models:/{model.model_id}",
+         "--train.output_dir", str(ddp_run["out"]), "--suite", "loss"],
+        cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    assert proc.returncode == 0, tail(proc)
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    linked = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
+    assert linked["heldout/loss_true"].step == CHECKPOINT_AT
+    assert linked["heldout/loss_true"].value == pytest.approx(result["loss_true"])
+    assert not any(key.startswith("choice/") for key in result)  # only the task asked for
+    report = {a.path for a in client.list_artifacts(run.info.run_id, f"evaluation/{name}")}
+    assert f"evaluation/{name}/results.json" in report
+
+
+@pytest.mark.slow
+def test_mlflow_ui_lists_the_checkpoints_of_a_run(ddp_run, tmp_path):
+    """The MLflow UI, served by a real `mlflow server` over the run's store and read in headless
+    Chromium, lists each checkpoint as a logged model of the run at its step, and the registered
+    version. Screenshots go to $LATENTQA_SCREENSHOTS (docs/figures/mlflow-*.png) or tmp_path."""
+    import os
+
+    from conftest import browser_page, mlflow_server
+
+    with mlflow_server(ddp_run["out"] / "mlflow.db") as url, browser_page() as page:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(url)
+        experiment = client.get_experiment_by_name("latentqa")
+        [run] = client.search_runs([experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'ddp'")
+        shots = Path(os.environ.get("LATENTQA_SCREENSHOTS", tmp_path))
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning")
+        page.get_by_text("Logged models (2)").wait_for(timeout=60_000)
+        [loss] = [m.value for m in client.get_metric_history(run.info.run_id, "eval/loss_true") if m.step == CHECKPOINT_AT][:1]
+
+        def logged_model_rows() -> dict[str, list[str]]:  # step -> the row's cells: type, step, model, ..., metrics
+            texts = page.get_by_role("row").all_inner_texts()
+            return {cells[1]: cells for cells in (t.split("\n") for t in texts) if cells[0] == "Output"}
+
+        deadline = time.monotonic() + 60  # the metric columns fill in after the rows
+        while loss not in [_number(c) for c in logged_model_rows().get(str(CHECKPOINT_AT), [])] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        rows = logged_model_rows()
+        assert set(rows) == {str(CHECKPOINT_AT), str(STEPS)}, rows
+        assert f"checkpoint_{CHECKPOINT_AT:06d}" in rows[str(CHECKPOINT_AT)]
+        assert loss in [_number(c) for c in rows[str(CHECKPOINT_AT)]], rows  # its linked eval/loss_true, in a column
+        assert {f"checkpoint_{STEPS:06d}_final", "latentqa-decoder-tiny-llama"} <= set(rows[str(STEPS)])
+        page.get_by_text("Logged models (2)").scroll_into_view_if_needed()
+        page.screenshot(path=shots / "mlflow-run-checkpoints.png")
+        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/models?workflowType=machine_learning")
+        page.get_by_text(f"checkpoint_{CHECKPOINT_AT:06d}").wait_for(timeout=60_000)
+        assert page.get_by_text(f"checkpoint_{STEPS:06d}_final").count() == 1
+        page.screenshot(path=shots / "mlflow-models.png")
 
 
 @pytest.mark.slow

@@ -192,8 +192,7 @@ def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
     if config.data.eval is None:
         raise SystemExit("no held-out set configured (data.eval)")
     lqa = _load(config)
-    result = run_suite(lqa, config.data.eval, choices=args.choices, read_layer=args.layer, layers=args.layers or (),
-                       map_items=args.map_items)  # fmt: skip
+    result = run_suite(lqa, config.data.eval, **suite_options(args))
     if args.output:
         print(f"results, per-item table and figures in {result.write(args.output)}", file=sys.stderr)
     print(json.dumps(result.as_metrics(prefix="")))
@@ -231,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("read", "answer questions about dialogs from their activations", cmd_read),
         ("score", "rank candidate answers to a question about a dialog by decoder loss", cmd_score),
         ("steer", "train a control adapter for the target from control QA pairs", cmd_steer),
-        ("evaluate", "held-out loss and multiple-choice identification with true, shuffled and no activations", cmd_evaluate),
+        ("evaluate", "the evaluation suite: held-out loss, identification by multiple choice and open-ended reading, baselines", cmd_evaluate),
     ):
         p = add(name, text, func)
         p.add_argument("--decoder", type=Path, help="decoder adapter folder (default: the latest under runs/)")
@@ -248,16 +247,33 @@ def build_parser() -> argparse.ArgumentParser:
     score_p.add_argument("--question", required=True)
     score_p.add_argument("--candidates", nargs="+", required=True)
     evaluate_p = sub.choices["evaluate"]
-    evaluate_p.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
+    add_suite_arguments(evaluate_p)
     evaluate_p.add_argument("--output", type=Path, help="write results.json, per_item.jsonl and figures to this folder")
-    evaluate_p.add_argument("--layers", type=int, nargs="+", help="also map identification over these read layers")
-    evaluate_p.add_argument("--map-items", type=int, help="items in the layer map (default: all)")
     steer_p = sub.choices["steer"]
     steer_p.add_argument("--control", type=Path, default=CONTROLS_DIR / "pirate.json", help="control QA pairs (JSON)")
     steer_p.add_argument("--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}')
     steer_p.add_argument("--out", type=Path, help="where to save the control adapter (must be new)")
     steer_p.add_argument("--show", type=int, default=3, help="held-out prompts to complete before/after")
     return parser
+
+
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation suite's options, shared with jobs/evaluate.py (`suite_options` reads them)."""
+    from .suite import TASKS
+
+    parser.add_argument("--suite", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
+                        help=f"tasks to run (default: all of {' '.join(TASKS)})")  # fmt: skip
+    parser.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length in open-ended reading")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--layers", type=int, nargs="+", default=[], help="also map identification over these read layers")
+    parser.add_argument("--map-items", type=int, help="items in the layer map (default: all)")
+
+
+def suite_options(args: argparse.Namespace) -> dict:
+    """`run_suite` keywords from the arguments of `add_suite_arguments` (and --layer)."""
+    return {"tasks": args.suite, "choices": args.choices, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
+            "read_layer": args.layer, "layers": args.layers, "map_items": args.map_items}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,13 +1,20 @@
-"""Multiple-choice identification: does the decoder pick a held-out label's true description?
+"""Identification: does the decoder tell a held-out label's true description from others?
 
 Each item is one held-out dialog and the first question of its label; the candidates are the
 label's own answer and the answers of K-1 other held-out labels of the same kind (persona, goal),
-in a seeded order. The decoder scores every candidate in score mode (lowest loss wins), with the
-dialog's own activations ("true"), another label's ("shuffled") and none ("none"), so a reader
-sees what the activations add over guessing from the question and candidates alone. Two
+in a seeded order. Two tasks over the same items:
+
+- multiple choice (`multiple_choice`): the decoder scores every candidate in score mode (lowest
+  loss wins);
+- open-ended reading (`open_ended`): the decoder answers the question in its own words (greedy),
+  and a rule with no judge model picks the candidate the answer shares the most words with.
+
+Each task runs with the dialog's own activations ("true"), another label's ("shuffled") and none
+("none"), so a reader sees what the activations add over guessing from the question alone. Two
 baselines say what the dialog's text alone gives: "text", the decoder given the read span's
 tokens as text where the activations would go (Li et al., arXiv 2509.13316), and "prompting", the
-target itself asked the question after its own dialog, scoring each candidate as its reply.
+target itself asked the question after its own dialog (scoring each candidate as its reply, or
+answering it).
 
 Two settings: "system" dialogs state the persona or goal in a system prompt that the decoder never
 sees (SPEC case 1, the verb span); "reply" dialogs hold only the user's message and the target's
@@ -17,8 +24,9 @@ own reply under that system prompt (`stimulus_completion.json`), read whole.
 from __future__ import annotations
 
 import random
-from collections import defaultdict
-from dataclasses import dataclass
+import re
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -29,6 +37,7 @@ from .evaluation import shuffled_partners
 from .layout import LaidOutExample, ReadSide, WriteSide
 from .models import DECODER
 from .session import LatentQA
+from .steering import complete
 
 CONDITIONS = ("true", "shuffled", "none", "text", "prompting")
 
@@ -75,6 +84,7 @@ def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("person
 class ChoiceResult:
     items: list[ChoiceItem]
     chosen: dict[str, list[int]]  # condition -> the candidate picked for each item
+    answers: dict[str, list[str]] = field(default_factory=dict)  # open-ended: condition -> generated answers
 
     def correct(self, condition: str) -> list[bool]:
         return [pick == item.answer for pick, item in zip(self.chosen[condition], self.items)]
@@ -106,6 +116,63 @@ def layer_map(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int],
         return {layer: _choose(lqa, items, reads, acts[layer], ("true", "shuffled"), batch_size) for layer in layers}
 
 
+def open_ended(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16,
+               max_new_tokens: int = 48, conditions: Sequence[str] = CONDITIONS) -> ChoiceResult:  # fmt: skip
+    """Each item's generated answer under each of `conditions`, and the candidate it is judged
+    closest to (`closest_candidate`); one target pass per dialog."""
+    layer = lqa.config.patch.read_layer if read_layer is None else read_layer
+    with lqa.model.evaluating():
+        reads, acts = _read_all(lqa, items, [layer], batch_size)
+        answers = {c: _generate(lqa, items, reads, acts[layer], c, batch_size, max_new_tokens) for c in conditions}
+    judge = random.Random(0)  # breaks ties, e.g. an answer sharing no word with any candidate
+    chosen = {c: [closest_candidate(a, item.candidates, judge, item.question) for a, item in zip(answers[c], items)]
+              for c in conditions}  # fmt: skip
+    return ChoiceResult(list(items), chosen, answers)
+
+
+# Words too common to tell descriptions apart ("The assistant is a ...").
+_STOPWORDS = frozenset(
+    "a an the and or but of to in on at for with by from as is are was were be been being will would can could "
+    "it its this that these those who whom which what their there they them he she his her you your i me my we our "
+    "assistant".split()
+)
+
+
+def _words(text: str, ignore: frozenset[str] = frozenset()) -> Counter:
+    words = (_stem(w) for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS)
+    return Counter(w for w in words if w not in ignore)
+
+
+def _stem(word: str) -> str:
+    """A crude suffix strip, so that "engages" and "engaging" count as "engag" (and as the
+    question's "engage" once that is stripped too)."""
+    for suffixes in (("ing", "ed", "es", "s"), ("e",)):
+        for suffix in suffixes:
+            if word.endswith(suffix) and not word.endswith("ss") and len(word) - len(suffix) >= 4:
+                word = word[: -len(suffix)]
+                break
+    return word
+
+
+def word_overlap(answer: str, candidate: str, question: str = "") -> float:
+    """F1 of the content words two texts share (each word counted as often as both hold it),
+    leaving out the question's words: an answer that echoes the question would otherwise favour
+    the candidate written as an answer to it, the true one."""
+    ignore = frozenset(_words(question))
+    a, c = _words(answer, ignore), _words(candidate, ignore)
+    common = sum((a & c).values())
+    if not common:
+        return 0.0
+    precision, recall = common / sum(a.values()), common / sum(c.values())
+    return 2 * precision * recall / (precision + recall)
+
+
+def closest_candidate(answer: str, candidates: Sequence[str], rng: random.Random, question: str = "") -> int:
+    """The candidate with the highest `word_overlap`, ties broken by `rng`."""
+    scores = [word_overlap(answer, c, question) for c in candidates]
+    return rng.choice([i for i, s in enumerate(scores) if s == max(scores)])
+
+
 def _read_all(lqa: LatentQA, items: Sequence[ChoiceItem], layers: list[int], batch_size: int):
     """Each item's read side, and its activations at every layer in `layers` (layer -> per-item rows)."""
     reads = [lqa.layout.read_side(item.dialog) for item in items]
@@ -119,17 +186,21 @@ def _read_all(lqa: LatentQA, items: Sequence[ChoiceItem], layers: list[int], bat
     return reads, acts
 
 
+def read_sources(items: Sequence[ChoiceItem], condition: str) -> list[int]:
+    """Whose dialog each item is read with: its own, or under "shuffled" another label's."""
+    return shuffled_partners(items, key=lambda item: item.label) if condition == "shuffled" else list(range(len(items)))
+
+
 def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
-    partners = shuffled_partners(items, key=lambda item: item.label)
     shift = lqa.config.patch.shift_position_ids_read
     chosen = {}
     for condition in conditions:
-        source = partners if condition == "shuffled" else range(len(items))
-        jobs = [(i, j, c) for i, j in enumerate(source) for c in items[i].candidates]
+        jobs = [(i, j, c) for i, j in enumerate(read_sources(items, condition)) for c in items[i].candidates]
         losses = []
         for start in range(0, len(jobs), batch_size):
             part = jobs[start : start + batch_size]
-            batch = lqa.collate([LaidOutExample(reads[j], _write(lqa, condition, items[i], reads[j], c)) for i, j, c in part])
+            batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], c))
+                                 for i, j, c in part])  # fmt: skip
             part_acts = torch.cat([acts[j] for _, j, _ in part]) if condition in ("true", "shuffled") else None
             adapter = None if condition == "prompting" else DECODER
             losses += lqa.model.example_losses(batch, part_acts, shift, adapter).tolist()
@@ -137,18 +208,45 @@ def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
     return ChoiceResult(list(items), chosen)
 
 
-def _write(lqa: LatentQA, condition: str, item: ChoiceItem, read: ReadSide, candidate: str) -> WriteSide:
-    """What scores `candidate` under `condition`: the decoder's dialog (with placeholders, or the
-    read span's tokens as text), or the target's own chat with the question appended."""
+def _generate(lqa, items, reads, acts, condition, batch_size, max_new_tokens) -> list[str]:
+    """Greedy answers to each item's question under `condition`."""
     if condition == "prompting":
-        messages = [dict(m) for m in item.dialog.messages]
-        if messages[-1]["role"] == "user":  # keep roles alternating: the question joins the last user turn
-            messages[-1]["content"] += "\n\n" + item.question
-        else:
-            messages.append({"role": "user", "content": item.question})
-        return lqa.layout.chat_side(messages, candidate)
+        asked = [_asking(item) for item in items]
+        return [a for start in range(0, len(items), batch_size)
+                for a in complete(lqa, asked[start : start + batch_size], None, max_new_tokens)]  # fmt: skip
+    shift = lqa.config.patch.shift_position_ids_read
+    jobs = list(enumerate(read_sources(items, condition)))
+    answers = []
+    for start in range(0, len(jobs), batch_size):
+        part = jobs[start : start + batch_size]
+        batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], None))
+                             for i, j in part])  # fmt: skip
+        patch = (batch.write_patch_mask, torch.cat([acts[j] for _, j in part])) if condition in ("true", "shuffled") else None
+        tokens = lqa.model.generate(batch.write_ids, batch.write_attention, lqa.model.decoder_position_ids(batch, shift),
+                                    max_new_tokens, lqa.stop_ids, lqa.chat_format.pad_id, patch=patch)  # fmt: skip
+        answers += [lqa.decode(t) for t in tokens]
+    return answers
+
+
+def _asking(item: ChoiceItem) -> list[dict[str, str]]:
+    """The item's dialog with its question put to the target (the prompting baseline)."""
+    messages = [dict(m) for m in item.dialog.messages]
+    if messages[-1]["role"] == "user":  # keep roles alternating: the question joins the last user turn
+        messages[-1]["content"] += "\n\n" + item.question
+    else:
+        messages.append({"role": "user", "content": item.question})
+    return messages
+
+
+def condition_write_side(lqa: LatentQA, condition: str, item: ChoiceItem, read: ReadSide, candidate: str | None) -> WriteSide:
+    """What scores `candidate` (or, for None, asks for an answer) under `condition`: the decoder's
+    dialog (with placeholders, or the read span's tokens as text), or the target's own chat with
+    the question appended."""
+    mode = "generate" if candidate is None else "score"
+    if condition == "prompting":
+        return lqa.layout.chat_side(_asking(item), candidate)
     stand_in = read.ids[read.patched_span[0] : read.patched_span[1]] if condition == "text" else None
-    return lqa.layout.write_side(_n(read), item.question, candidate, "score", stand_in)
+    return lqa.layout.write_side(_n(read), item.question, candidate, mode, stand_in)
 
 
 def _n(read: ReadSide) -> int:

@@ -315,6 +315,66 @@ def early_exit(lqa, repeats: int, batch_size: int = 8, tolerance: float = 0.2) -
     return result
 
 
+# ---------------------------------------------------------------- 4b. evaluation suite
+
+
+def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> dict:
+    """The suite's multiple-choice identification (`multiple_choice`: layout, one target pass per
+    dialog batch, every candidate scored under the five conditions) vs the sum of its bare
+    forwards on the same batches, laid out beforehand: the target's blocks 0..L per dialog batch,
+    and per candidate batch the decoder's (or, for prompting, the target's) forward with the LM
+    head on the labelled positions only; no hooks, no patching, no layout."""
+    from latentqa.identification import CONDITIONS, choice_items, condition_write_side, multiple_choice, read_sources
+    from latentqa.layout import IGNORE_INDEX, LaidOutExample
+    from latentqa.models import DECODER
+    from latentqa.paths import OFFLINE_HELDOUT
+    from latentqa.patching import positions
+
+    chosen = choice_items(OFFLINE_HELDOUT, k=4)[:items]
+    layer = lqa.config.patch.read_layer
+    reads = [lqa.layout.read_side(item.dialog) for item in chosen]
+    first = [LaidOutExample(r, condition_write_side(lqa, "true", item, r, item.candidates[0])) for r, item in zip(reads, chosen)]
+    target_batches = [lqa.collate(first[i : i + batch_size]) for i in range(0, len(first), batch_size)]
+    scoring = []  # (batch, adapter) as the suite scores them
+    for condition in CONDITIONS:
+        jobs = [(i, j, c) for i, j in enumerate(read_sources(chosen, condition)) for c in chosen[i].candidates]
+        for start in range(0, len(jobs), batch_size):
+            part = jobs[start : start + batch_size]
+            batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, chosen[i], reads[j], c))
+                                 for i, j, c in part])  # fmt: skip
+            scoring.append((batch, None if condition == "prompting" else DECODER))
+    causal = lqa.model.peft_model.get_base_model()
+    inner = causal.get_decoder()
+    all_layers = inner.layers
+    shift = lqa.config.patch.shift_position_ids_read
+
+    def suite():
+        multiple_choice(lqa, chosen, batch_size=batch_size)
+
+    def bare():
+        with torch.no_grad():
+            inner.layers = all_layers[: layer + 1]
+            try:
+                with lqa.model.adapters.use(None):
+                    for batch in target_batches:
+                        inner(input_ids=batch.read_ids, attention_mask=batch.read_attention,
+                              position_ids=positions(batch.read_attention), use_cache=False)  # fmt: skip
+            finally:
+                inner.layers = all_layers
+            for batch, adapter in scoring:
+                with lqa.model.adapters.use(adapter):
+                    hidden = inner(input_ids=batch.write_ids, attention_mask=batch.write_attention,
+                                   position_ids=lqa.model.decoder_position_ids(batch, shift), use_cache=False).last_hidden_state
+                    keep = batch.labels[:, 1:] != IGNORE_INDEX
+                    causal.get_output_embeddings()(hidden[:, :-1][keep])
+
+    lqa.model.eval()
+    times = interleaved({"suite (multiple choice)": suite, "bare forwards": bare}, repeats)
+    return _timed_row("evaluation suite", times, 1.25, "<= 1.25x", items=len(chosen), candidates=4,
+                      conditions=len(CONDITIONS), scored_rows=sum(len(b) for b, _ in scoring),
+                      target_passes=len(target_batches))  # fmt: skip
+
+
 # ---------------------------------------------------------------- 5. layout
 
 

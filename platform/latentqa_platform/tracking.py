@@ -1,9 +1,12 @@
-"""MLflow: one run per training (or steering) run name, its metrics and figures, and adapters in
-the model registry.
+"""MLflow: one run per training (or steering) run name, its metrics and figures, its checkpoints
+as logged models, and adapters in the model registry.
 
-A registered version is a pyfunc model whose artifacts are the PEFT adapter (`adapter/`) and the
-engine config it was trained with (`config.json`); `resolve_adapter` turns a registry URI
-(`models:/name@alias`, `models:/name/3`) or a local folder back into an adapter folder.
+An adapter is logged as an MLflow logged model of its run (`log_decoder`): a pyfunc model whose
+artifacts are the PEFT adapter (`adapter/`) and the engine config it was trained with
+(`config.json`), at the step it was saved, so MLflow links the run's metrics at that step to it.
+Every checkpoint of a training run is one; the final one is registered as a version of the
+decoder's model (`register_decoder`). `resolve_adapter` turns a registry URI (`models:/name@alias`,
+`models:/name/3`), a logged model (`models:/m-...`) or a local folder back into an adapter folder.
 """
 
 from __future__ import annotations
@@ -120,11 +123,12 @@ def open_run(settings: MlflowSettings, output_dir: Path, run_name: str, params: 
     return RunRef(uri, run_id, experiment_id)
 
 
-def log_metrics(run: RunRef, metrics: dict[str, float], step: int) -> None:
+def log_metrics(run: RunRef, metrics: dict[str, float], step: int, model_id: str | None = None) -> None:
+    """Metrics of the run at `step`; with `model_id`, also of that logged model (a checkpoint)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    run.client().log_batch(run.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    run.client().log_batch(run.run_id, metrics=[Metric(k, float(v), now, step, model_id) for k, v in metrics.items()])
 
 
 def log_loss_curves(run: RunRef, history: list[dict]) -> None:
@@ -174,29 +178,45 @@ def _adapter_pyfunc():
     return LatentQADecoder()
 
 
-def register_adapter(run: RunRef, adapter_dir: Path, config_file: Path, name: str, tags: dict[str, str]) -> str:
-    """Log a PEFT adapter and its engine config on the run, register them as a version of model
-    `name` with `tags`; returns `name/version`."""
+def log_decoder(run: RunRef, adapter_dir: Path, config_file: Path, name: str = "adapter_model", step: int = 0,
+                tags: dict[str, str] | None = None) -> str:  # fmt: skip
+    """Log a PEFT adapter and its engine config on the run as a logged model named `name` at
+    `step` (MLflow links the run's metrics at that step to it); returns its model id."""
     import mlflow
 
     mlflow.set_tracking_uri(run.tracking_uri)
-    client = run.client()
-    status = client.get_run(run.run_id).info.status
+    status = run.client().get_run(run.run_id).info.status
     mlflow.start_run(run_id=run.run_id)  # log_model logs into the active run
     try:
         info = mlflow.pyfunc.log_model(
-            name="adapter_model",
+            name=name,
             python_model=_adapter_pyfunc(),
             artifacts={"adapter": str(adapter_dir), "config": str(config_file)},
-            registered_model_name=name,
             pip_requirements=[f"latentqa=={importlib.metadata.version('latentqa')}", "torch", "transformers", "peft"],
+            step=step,
+            tags=tags,
         )
     finally:
         mlflow.end_run(status)  # leave the run as it was: its owner finishes it
-    version = str(info.registered_model_version)
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-    return f"{name}/{version}"
+    return info.model_id
+
+
+def register_decoder(tracking: str, model_id: str, name: str, tags: dict[str, str]) -> str:
+    """Register a logged adapter model as a new version of model `name` with `tags`; returns `name/version`."""
+    import mlflow
+
+    # MLflow's own registration also links the version on the logged model's page; it reads the
+    # model from the default tracking store.
+    mlflow.set_tracking_uri(tracking)
+    mlflow.set_registry_uri(tracking)
+    version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+    return f"{name}/{version.version}"
+
+
+def register_adapter(run: RunRef, adapter_dir: Path, config_file: Path, name: str, tags: dict[str, str]) -> str:
+    """Log a PEFT adapter and its engine config on the run and register them as a version of
+    model `name` with `tags`; returns `name/version`."""
+    return register_decoder(run.tracking_uri, log_decoder(run, adapter_dir, config_file), name, tags)
 
 
 def register_shipped_decoder(settings: MlflowSettings, output_dir: Path, config: LatentQAConfig) -> str:
@@ -235,9 +255,9 @@ def decoder_tags(config: LatentQAConfig) -> dict[str, str]:
 
 
 def resolve_adapter(uri: str, tracking: str | None = None, download_dir: Path | None = None) -> Path:
-    """A PEFT adapter folder from a registry URI (`models:/name@alias`, `models:/name/3`) or a
-    local folder; a registered one comes with its `config.json` beside it. Raises
-    FileNotFoundError naming what is missing."""
+    """A PEFT adapter folder from a registry URI (`models:/name@alias`, `models:/name/3`), a logged
+    model (`models:/m-...`, e.g. a checkpoint) or a local folder; one from MLflow comes with its
+    `config.json` beside it. Raises FileNotFoundError naming what is missing."""
     if not uri.startswith("models:/"):
         folder = Path(uri)
         if not (folder / "adapter_config.json").is_file():
@@ -247,17 +267,11 @@ def resolve_adapter(uri: str, tracking: str | None = None, download_dir: Path | 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    reference = uri.removeprefix("models:/")
-    name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
-    name, _, version = name.partition("/") if alias is None else (name, "", "")
-    if not name or not (alias or version.isdigit()):
-        raise FileNotFoundError(f"{uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
     # Through the client, not download_artifacts("models:/..."), which looks the name up in the
     # default store rather than in `tracking` (MLflow 3.17).
     client = MlflowClient(tracking, registry_uri=tracking)
     try:
-        found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        location = client.get_logged_model(found.source.removeprefix("models:/")).artifact_location
+        location = client.get_logged_model(logged_model_id(uri, client)).artifact_location
         mlmodel = yaml.safe_load(mlflow.artifacts.load_text(f"{location}/MLmodel"))
         within = Path(mlmodel["flavors"]["python_function"]["artifacts"]["adapter"]["path"])  # artifacts/<folder name>
         # The whole artifacts folder: the adapter and, beside it, the config.json it was trained with.
@@ -268,5 +282,19 @@ def resolve_adapter(uri: str, tracking: str | None = None, download_dir: Path | 
     except KeyError:
         raise FileNotFoundError(f"{uri}: not a LatentQA adapter model (its MLmodel names no adapter)") from None
     if not (adapter / "adapter_model.safetensors").is_file():
-        raise FileNotFoundError(f"{uri}: the registered model holds no adapter_model.safetensors")
+        raise FileNotFoundError(f"{uri}: the model holds no adapter_model.safetensors")
     return adapter
+
+
+def logged_model_id(uri: str, client) -> str:
+    """The logged model behind `models:/m-...`, `models:/name/3` or `models:/name@alias`.
+    Raises FileNotFoundError for a malformed URI, MlflowException for an unknown one."""
+    reference = uri.removeprefix("models:/")
+    if re.fullmatch(r"m-[0-9a-f]{32}", reference):
+        return reference
+    name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
+    name, _, version = name.partition("/") if alias is None else (name, "", "")
+    if not name or not (alias or version.isdigit()):
+        raise FileNotFoundError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-<logged model id>")
+    found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
+    return found.model_id or found.source.removeprefix("models:/")
