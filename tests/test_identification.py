@@ -1,5 +1,7 @@
 """Multiple-choice identification (latentqa.identification) on the offline default."""
 
+import pytest
+
 from latentqa.identification import choice_items, multiple_choice
 from latentqa.paths import OFFLINE_HELDOUT
 from latentqa.reading import score
@@ -16,6 +18,20 @@ def test_items_hold_the_true_description_among_same_kind_distractors():
     assert all(item.dialog.verb == "system" for item in system)  # the decoder never sees the system prompt
     reply = [item for item in items if item.setting == "reply"]
     assert all([m["role"] for m in item.dialog.messages] == ["user", "assistant"] for item in reply)
+
+
+def test_the_papers_scenario_stories_are_items_too():
+    """The paper's "sqa" labels: a story in the user's message (read whole), a question about it,
+    distractors from other stories."""
+    from latentqa.paths import PROJECT_ROOT
+
+    items = [item for item in choice_items(PROJECT_ROOT / "datasets" / "latentqa" / "heldout", k=4) if item.setting == "story"]
+    assert len(items) == 22
+    for item in items:
+        assert item.label.startswith("sqa-") and item.dialog.verb == "none"
+        assert [m["role"] for m in item.dialog.messages] == ["user"]
+    answers = {item.candidates[item.answer] for item in items}
+    assert all(set(item.candidates) <= answers for item in items)  # every distractor is another story's answer
 
 
 def test_picks_match_scoring_each_candidate_alone(offline_session):
@@ -53,7 +69,8 @@ def test_baselines_score_the_dialog_as_text(offline_session):
 def test_layer_map_reads_every_layer_from_one_target_pass(offline_session):
     from latentqa.identification import layer_map
 
-    items = choice_items(OFFLINE_HELDOUT, k=3)[:6]
+    every = choice_items(OFFLINE_HELDOUT, k=3)
+    items = [i for i in every if i.setting == "system"][:3] + [i for i in every if i.setting == "reply"][:3]
     calls = []
     original = offline_session.model.target_activations
     offline_session.model.target_activations = lambda batch, layers, **kw: calls.append(list(layers)) or original(batch, layers, **kw)
@@ -64,6 +81,13 @@ def test_layer_map_reads_every_layer_from_one_target_pass(offline_session):
     assert calls == [[0, 1, 2, 3]]  # six dialogs, one batch, one pass for all four layers
     single = multiple_choice(offline_session, items, read_layer=2, batch_size=16)
     assert by_layer[2].chosen["true"] == single.chosen["true"] and by_layer[2].chosen["shuffled"] == single.chosen["shuffled"]
+    # the gain: the true description's loss with shuffled minus with true activations, as scored
+    i = next(i for i, item in enumerate(items) if item.setting == "reply")  # read whole, as `score` reads
+    ranked = score(offline_session, items[i].dialog.messages, items[i].question, list(items[i].candidates), read_layer=2)
+    true_loss = {s.answer: s.loss for s in ranked}[items[i].candidates[items[i].answer]]
+    assert single.answer_losses["true"][i] == pytest.approx(true_loss, abs=1e-5)
+    gains = [s - t for s, t in zip(single.answer_losses["shuffled"], single.answer_losses["true"])]
+    assert by_layer[2].activation_gain() == pytest.approx(sum(gains) / len(gains))
 
 
 def test_suite_writes_results_per_item_table_and_figures(offline_session, tmp_path):
@@ -78,8 +102,8 @@ def test_suite_writes_results_per_item_table_and_figures(offline_session, tmp_pa
     assert sorted(p.name for p in folder.iterdir()) == ["choice_accuracy.png", "layer_map.png", "per_item.jsonl", "results.json"]
     metrics = json.loads((folder / "results.json").read_text())
     assert metrics["examples"] == 24 and metrics["choice/items"] == metrics["reading/items"] == len(result.choice.items)
-    assert set(metrics) >= {"layer_map/0/true_accuracy", "layer_map/1/shuffled_accuracy", "choice/system/prompting_accuracy",
-                            "reading/reply/text_accuracy"}  # fmt: skip
+    assert set(metrics) >= {"layer_map/0/true_accuracy", "layer_map/1/shuffled_accuracy", "layer_map/1/activation_gain",
+                            "choice/system/prompting_accuracy", "reading/reply/text_accuracy"}  # fmt: skip
     rows = [json.loads(line) for line in (folder / "per_item.jsonl").read_text().splitlines()]
     assert len(rows) == len(result.choice.items)
     assert sum(r["choice/true"] for r in rows) == sum(result.choice.correct("true"))

@@ -16,9 +16,11 @@ tokens as text where the activations would go (Li et al., arXiv 2509.13316), and
 target itself asked the question after its own dialog (scoring each candidate as its reply, or
 answering it).
 
-Two settings: "system" dialogs state the persona or goal in a system prompt that the decoder never
-sees (SPEC case 1, the verb span); "reply" dialogs hold only the user's message and the target's
-own reply under that system prompt (`stimulus_completion.json`), read whole.
+Three settings: "system" dialogs state the persona or goal in a system prompt that the decoder
+never sees (SPEC case 1, the verb span); "reply" dialogs hold only the user's message and the
+target's own reply under that system prompt (`stimulus_completion.json`), read whole; "story"
+dialogs are the paper's scenario stories (`control.json`, labels "sqa-"), a user's message read
+whole, with questions about what happens in them.
 """
 
 from __future__ import annotations
@@ -45,15 +47,16 @@ CONDITIONS = ("true", "shuffled", "none", "text", "prompting")
 @dataclass(frozen=True)
 class ChoiceItem:
     label: str
-    setting: str  # "system" or "reply"
+    setting: str  # "system", "reply" or "story"
     dialog: ReadDialog
     question: str
     candidates: tuple[str, ...]
     answer: int  # index of the true description among the candidates
 
 
-def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("persona", "goal"), seed: int = 0) -> list[ChoiceItem]:
-    """Items from a held-out folder of the paper's files (system.json, stimulus_completion.json)."""
+def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("persona", "goal", "sqa"), seed: int = 0) -> list[ChoiceItem]:
+    """Items from a held-out folder of the paper's files: system.json and stimulus_completion.json
+    (personas and goals), and the scenario stories of control.json (the paper's "sqa" labels)."""
     folder = Path(folder)
     qa = load_qa(folder / QA_FILE)
     dialogs: list[tuple[str, str, ReadDialog]] = []
@@ -63,6 +66,8 @@ def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("person
         for r in load_records(folder / "stimulus_completion.json"):
             turns = [{"role": "user", "content": r.stimulus_user}, {"role": "assistant", "content": r.stimulus_model}]
             dialogs.append((r.label, "reply", ReadDialog(turns, "none", False)))
+    if (folder / "control.json").exists():  # a story in the user's message, read whole; the questions ask about it
+        dialogs += [(r.label, "story", read_dialog(r)) for r in load_records(folder / "control.json") if r.label.startswith("sqa-")]
     by_kind: dict[str, list[str]] = defaultdict(list)
     for label in sorted({label for label, _, _ in dialogs}):
         by_kind[label.split("-")[0]].append(label)
@@ -84,6 +89,7 @@ def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("person
 class ChoiceResult:
     items: list[ChoiceItem]
     chosen: dict[str, list[int]]  # condition -> the candidate picked for each item
+    answer_losses: dict[str, list[float]] = field(default_factory=dict)  # scored: condition -> the true candidate's loss
     answers: dict[str, list[str]] = field(default_factory=dict)  # open-ended: condition -> generated answers
 
     def correct(self, condition: str) -> list[bool]:
@@ -92,6 +98,13 @@ class ChoiceResult:
     def accuracy(self, condition: str, setting: str | None = None) -> float:
         hits = [c for c, item in zip(self.correct(condition), self.items) if setting in (None, item.setting)]
         return sum(hits) / max(len(hits), 1)
+
+    def activation_gain(self) -> float | None:
+        """Mean loss of the true description with shuffled minus with true activations (scored results)."""
+        if not {"true", "shuffled"} <= set(self.answer_losses):
+            return None
+        gains = [s - t for s, t in zip(self.answer_losses["shuffled"], self.answer_losses["true"])]
+        return sum(gains) / len(gains)
 
     def as_metrics(self, prefix: str = "eval/choice/") -> dict[str, float]:
         settings = sorted({item.setting for item in self.items})
@@ -127,7 +140,7 @@ def open_ended(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | Non
     judge = random.Random(0)  # breaks ties, e.g. an answer sharing no word with any candidate
     chosen = {c: [closest_candidate(a, item.candidates, judge, item.question) for a, item in zip(answers[c], items)]
               for c in conditions}  # fmt: skip
-    return ChoiceResult(list(items), chosen, answers)
+    return ChoiceResult(list(items), chosen, answers=answers)
 
 
 # Words too common to tell descriptions apart ("The assistant is a ...").
@@ -193,7 +206,7 @@ def read_sources(items: Sequence[ChoiceItem], condition: str) -> list[int]:
 
 def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
     shift = lqa.config.patch.shift_position_ids_read
-    chosen = {}
+    chosen, answer_losses = {}, {}
     for condition in conditions:
         jobs = [(i, j, c) for i, j in enumerate(read_sources(items, condition)) for c in items[i].candidates]
         losses = []
@@ -204,8 +217,11 @@ def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
             part_acts = torch.cat([acts[j] for _, j, _ in part]) if condition in ("true", "shuffled") else None
             adapter = None if condition == "prompting" else DECODER
             losses += lqa.model.example_losses(batch, part_acts, shift, adapter).tolist()
-        chosen[condition] = _argmins(losses, [len(item.candidates) for item in items])
-    return ChoiceResult(list(items), chosen)
+        sizes = [len(item.candidates) for item in items]
+        chosen[condition] = _argmins(losses, sizes)
+        starts = [sum(sizes[:i]) for i in range(len(items))]
+        answer_losses[condition] = [losses[start + item.answer] for start, item in zip(starts, items)]
+    return ChoiceResult(list(items), chosen, answer_losses=answer_losses)
 
 
 def _generate(lqa, items, reads, acts, condition, batch_size, max_new_tokens) -> list[str]:

@@ -8,7 +8,8 @@
   reply-only dialogs (`latentqa.identification`);
 - open-ended reading of the same items: generated answers, each judged by the candidate it shares
   the most words with, under the same conditions;
-- optionally a layer map: identification with activations read at each of a set of layers.
+- optionally a layer map: identification, and the activation gain on the true descriptions, with
+  activations read at each of a set of layers.
 
 `TASKS` names the first three; `run_suite(tasks=...)` runs a subset. `SuiteResult.write(folder)`
 leaves `results.json`, `per_item.jsonl` (which items each condition gets right, and the generated
@@ -49,6 +50,7 @@ class SuiteResult:
             metrics[f"{prefix}{name}/items"] = len(result.items)
         for layer, result in self.layers.items():
             metrics.update({f"{prefix}layer_map/{layer}/{c}_accuracy": result.accuracy(c) for c in result.chosen})
+            metrics[f"{prefix}layer_map/{layer}/activation_gain"] = result.activation_gain()
         return metrics
 
     def per_item(self) -> list[dict]:
@@ -103,11 +105,16 @@ class SuiteResult:
     def _plot_layers(self, out: Path) -> None:
         plt = _pyplot()
         layers = sorted(self.layers)
-        fig, ax = plt.subplots(figsize=(8, 3.8))
+        fig, (ax, gain_ax) = plt.subplots(1, 2, figsize=(12, 3.8))
         for condition, style in (("true", "o-"), ("shuffled", "s--")):
             ax.plot(layers, [self.layers[layer].accuracy(condition) for layer in layers], style, label=f"{condition} activations")
-        ax.axvline(self.read_layer, color="grey", linestyle=":", label=f"the decoder was trained at layer {self.read_layer}")
         ax.set(xlabel="read layer", ylabel="top-1 accuracy", ylim=(0, 1), title="identification by read layer")
+        gain_ax.plot(layers, [self.layers[layer].activation_gain() for layer in layers], "o-", color="tab:green")
+        gain_ax.axhline(0, color="grey", linewidth=1)
+        gain_ax.set(xlabel="read layer", ylabel="nats per answer token",
+                    title="activation gain by read layer\n(true description's loss, shuffled - true)")  # fmt: skip
+        for axis in (ax, gain_ax):
+            axis.axvline(self.read_layer, color="grey", linestyle=":", label=f"the decoder was trained at layer {self.read_layer}")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out, dpi=120)
