@@ -13,7 +13,7 @@ adds a layer map). The set (the engine's
 `data.eval`) is read and validated with Ray Data; the metrics go to the run that registered the
 decoder as `heldout/*` (for a registered version or a checkpoint, at the logged model's step and
 linked to that model, so the MLflow UI shows them beside it; the report under `evaluation/<model
-name>`), or, for a decoder folder, to a new run `evaluate-<folder>`.
+name>-<model id>`), or, for a decoder folder, to a new run `evaluate-<folder>`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class Destination:
 
 def destination(decoder: str, tracking_uri: str, settings, output_dir: Path) -> Destination:
     """The run that logged `decoder`, at that model's step, the report in `evaluation/<model
-    name>`; for a folder, a new evaluation run."""
+    name>-<model id>`; for a folder, a new evaluation run."""
     from mlflow.tracking import MlflowClient
 
     if not decoder.startswith("models:/"):
@@ -83,7 +83,7 @@ def destination(decoder: str, tracking_uri: str, settings, output_dir: Path) -> 
         raise ConfigError(f"--decoder {decoder}: {getattr(err, 'message', err)}") from None
     step = next((o.step for o in run.outputs.model_outputs if o.model_id == model.model_id), 0)
     ref = tracking.RunRef(tracking_uri, run.info.run_id, run.info.experiment_id)
-    return Destination(ref, model.model_id, step, f"evaluation/{model.name}")
+    return Destination(ref, model.model_id, step, f"evaluation/{model.name}-{model.model_id}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -94,7 +94,8 @@ def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, deco
 def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     from mlflow.tracking import MlflowClient
 
-    proc = submit(ray_cluster, decoder, "evaluate.py", "--decoder", decoder.registry_uri, "--layers", "0", "1", "--map-items", "4")
+    proc = submit(ray_cluster, decoder, "evaluate.py", "--decoder", decoder.registry_uri, "--layers", "0", "1", "--map-items", "4",
+                  "--max-new-tokens", "4")  # fmt: skip
     assert proc.returncode == 0, tail(proc)
     result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"loss_true"')][0])
     assert result["activation_gain"] == pytest.approx(result["loss_shuffled"] - result["loss_true"])
@@ -107,12 +108,12 @@ def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
             for c in ("true", "shuffled", "none", "text", "prompting")} <= set(metrics)  # fmt: skip
     assert {"heldout/layer_map/0/true_accuracy", "heldout/layer_map/1/shuffled_accuracy"} <= set(metrics)
     # the report as artifacts of the decoder's run: results, the per-item table, the figures
-    client = MlflowClient(decoder.tracking_uri)
-    artifacts = {a.path for a in client.list_artifacts(decoder.run_id, "evaluation/adapter_model")}
-    names = ("results.json", "per_item.jsonl", "choice_accuracy.png", "layer_map.png")
-    assert {f"evaluation/adapter_model/{name}" for name in names} <= artifacts
-    # the metrics are also the registered logged model's, so the UI lists them beside it
     from latentqa_platform.tracking import logged_model_id
 
+    client = MlflowClient(decoder.tracking_uri)
     model = client.get_logged_model(logged_model_id(f"models:/{DECODER_MODEL}/{decoder.version}", client))
+    folder = f"evaluation/adapter_model-{model.model_id}"  # per evaluated model: two never overwrite each other
+    names = ("results.json", "per_item.jsonl", "choice_accuracy.png", "layer_map.png")
+    assert {f"{folder}/{name}" for name in names} <= {a.path for a in client.list_artifacts(decoder.run_id, folder)}
+    # the metrics are also the registered logged model's, so the UI lists them beside it
     assert {m.key: m.value for m in model.metrics}["heldout/loss_true"] == pytest.approx(result["loss_true"])

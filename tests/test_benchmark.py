@@ -40,7 +40,7 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
     assert _job().main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in result["results"]]
-    assert names == ["early exit", "read overhead", "evaluation suite", "train step", "layout", "memory"]
+    assert names == ["early exit", "read overhead", "evaluation suite (multiple choice)", "train step", "layout", "memory"]
     for r in result["results"]:
         assert KEYS <= set(r), r
         assert r["measured"] > 0 and r["baseline"] > 0 and r["ratio"] > 0

@@ -121,6 +121,15 @@ def test_suite_runs_the_tasks_asked_for(offline_session):
     only = run_suite(offline_session, spec, tasks=["reading"], max_new_tokens=4)
     assert only.loss is None and only.choice is None and only.reading is not None
     assert {k.split("/")[1] for k in only.as_metrics()} == {"reading"}
+    # every identification task and layer from one target pass per dialog (one batch here)
+    calls = []
+    original = offline_session.model.target_activations
+    offline_session.model.target_activations = lambda batch, layers, **kw: calls.append(list(layers)) or original(batch, layers, **kw)
+    try:
+        run_suite(offline_session, spec, tasks=["choice", "reading"], layers=[0, 2], max_new_tokens=2, batch_size=64)
+    finally:
+        del offline_session.model.target_activations
+    assert calls == [[0, 1, 2]]  # the read layer (1) and the map's layers
     with pytest.raises(ValueError, match=r"unknown suite task\(s\) \['judge'\]; the tasks are loss, choice, reading"):
         run_suite(offline_session, spec, tasks=["choice", "judge"])
 
@@ -128,9 +137,7 @@ def test_suite_runs_the_tasks_asked_for(offline_session):
 def test_open_ended_answers_are_the_decoders_readings(offline_session):
     """"true" answers are what `read` says about the same dialog; "prompting" answers are the
     target's own replies to the question after its dialog; each answer is judged by the rule."""
-    import random
-
-    from latentqa.identification import _asking, closest_candidate, open_ended
+    from latentqa.identification import _asking, closest_candidate, judge_seed, open_ended
     from latentqa.reading import read
     from latentqa.steering import complete
 
@@ -139,24 +146,26 @@ def test_open_ended_answers_are_the_decoders_readings(offline_session):
     assert set(result.answers) == {"true", "shuffled", "none", "text", "prompting"}
     assert result.answers["true"] == [read(offline_session, [i.dialog.messages], [i.question], max_new_tokens=8)[0][0] for i in items]
     assert result.answers["prompting"] == complete(offline_session, [_asking(i) for i in items], None, 8)
-    judge = random.Random(0)
-    for condition, answers in result.answers.items():  # the picks follow from the answers (ties drawn in order)
-        assert result.chosen[condition] == [closest_candidate(a, i.candidates, judge, i.question) for a, i in zip(answers, items)]
+    for condition, answers in result.answers.items():  # the picks follow from the answers alone
+        assert result.chosen[condition] == [closest_candidate(a, i.candidates, i.question, judge_seed(i, condition))
+                                            for a, i in zip(answers, items)]  # fmt: skip
+    # a tie's draw does not depend on which other conditions ran
+    alone = open_ended(offline_session, items, batch_size=2, max_new_tokens=8, conditions=["none"])
+    assert alone.chosen["none"] == result.chosen["none"]
 
 
 def test_the_judge_matches_answers_to_descriptions_by_content_words():
-    import random
-
     from latentqa.identification import closest_candidate, word_overlap
 
     candidates = ["The assistant is a pirate who sails the seas.", "The assistant is a chef cooking pasta.",
                   "It will express itself as a calm robot."]  # fmt: skip
-    assert closest_candidate("Arr, a pirate on the seas!", candidates, random.Random(0)) == 0
-    assert closest_candidate("I love cooking pasta", candidates, random.Random(0)) == 1
+    assert closest_candidate("Arr, a pirate on the seas!", candidates) == 0
+    assert closest_candidate("I love cooking pasta", candidates) == 1
+    assert word_overlap("The assistant's tone: it's calm", "It's a chef's dish") == 0.0  # no "s" fragments
     assert word_overlap("the assistant is a", "The assistant is a chef.") == 0.0  # stopwords tell nothing apart
     # the question's own words do not count: echoing "express itself" favours no candidate
     assert word_overlap("It will express itself.", candidates[2], "How will the assistant express itself?") == 0.0
     assert word_overlap("It will express itself.", candidates[2]) > 0
     # an answer that shares nothing is a draw among all candidates, not a pick of the first
-    picks = {closest_candidate("zzz", candidates, random.Random(seed)) for seed in range(20)}
+    picks = {closest_candidate("zzz", candidates, seed=str(seed)) for seed in range(20)}
     assert picks == {0, 1, 2}

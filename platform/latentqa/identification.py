@@ -1,8 +1,8 @@
 """Identification: does the decoder tell a held-out label's true description from others?
 
 Each item is one held-out dialog and the first question of its label; the candidates are the
-label's own answer and the answers of K-1 other held-out labels of the same kind (persona, goal),
-in a seeded order. Two tasks over the same items:
+label's own answer and the answers of K-1 other held-out labels of the same kind (persona, goal,
+sqa), in a seeded order. Two tasks over the same items:
 
 - multiple choice (`multiple_choice`): the decoder scores every candidate in score mode (lowest
   loss wins);
@@ -25,6 +25,7 @@ whole, with questions about what happens in them.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 from collections import Counter, defaultdict
@@ -112,35 +113,59 @@ class ChoiceResult:
                 for setting in settings for condition in self.chosen}  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ItemReads:
+    """Each item's read side and its activations at some read layers (layer -> one tensor per item)."""
+
+    reads: list[ReadSide]
+    acts: dict[int, list[torch.Tensor]]
+
+    def first(self, n: int | None) -> "ItemReads":
+        return ItemReads(self.reads[:n], {layer: rows[:n] for layer, rows in self.acts.items()})
+
+
+def read_items(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int], batch_size: int = 16) -> ItemReads:
+    """The items' activations at every layer in `layers`, from one target pass per dialog batch;
+    every task below takes them, so a whole suite reads each dialog once."""
+    with lqa.model.evaluating():
+        return ItemReads(*_read_all(lqa, items, sorted(set(layers)), batch_size))
+
+
 def multiple_choice(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16,
-                    conditions: Sequence[str] = CONDITIONS) -> ChoiceResult:  # fmt: skip
-    """Each item's pick under each of `conditions`; one target pass per dialog."""
+                    conditions: Sequence[str] = CONDITIONS, read: ItemReads | None = None) -> ChoiceResult:  # fmt: skip
+    """Each item's pick under each of `conditions` (`read`: the items' activations, if read already)."""
     layer = lqa.config.patch.read_layer if read_layer is None else read_layer
+    read = read or read_items(lqa, items, [layer], batch_size)
     with lqa.model.evaluating():
-        reads, acts = _read_all(lqa, items, [layer], batch_size)
-        return _choose(lqa, items, reads, acts[layer], conditions, batch_size)
+        return _choose(lqa, items, read.reads, read.acts[layer], conditions, batch_size)
 
 
-def layer_map(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int], batch_size: int = 16) -> dict[int, ChoiceResult]:
-    """Picks with true and shuffled activations read at each of `layers`, all layers from one
-    target pass per dialog (the other conditions do not depend on the layer)."""
+def layer_map(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int], batch_size: int = 16,
+              read: ItemReads | None = None) -> dict[int, ChoiceResult]:  # fmt: skip
+    """Picks with true and shuffled activations read at each of `layers` (the other conditions do
+    not depend on the layer), all layers from one target pass per dialog."""
+    read = read or read_items(lqa, items, layers, batch_size)
     with lqa.model.evaluating():
-        reads, acts = _read_all(lqa, items, list(layers), batch_size)
-        return {layer: _choose(lqa, items, reads, acts[layer], ("true", "shuffled"), batch_size) for layer in layers}
+        return {layer: _choose(lqa, items, read.reads, read.acts[layer], ("true", "shuffled"), batch_size) for layer in layers}
 
 
 def open_ended(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16,
-               max_new_tokens: int = 48, conditions: Sequence[str] = CONDITIONS) -> ChoiceResult:  # fmt: skip
+               max_new_tokens: int = 48, conditions: Sequence[str] = CONDITIONS, read: ItemReads | None = None) -> ChoiceResult:  # fmt: skip
     """Each item's generated answer under each of `conditions`, and the candidate it is judged
-    closest to (`closest_candidate`); one target pass per dialog."""
+    closest to (`closest_candidate`)."""
     layer = lqa.config.patch.read_layer if read_layer is None else read_layer
+    read = read or read_items(lqa, items, [layer], batch_size)
     with lqa.model.evaluating():
-        reads, acts = _read_all(lqa, items, [layer], batch_size)
-        answers = {c: _generate(lqa, items, reads, acts[layer], c, batch_size, max_new_tokens) for c in conditions}
-    judge = random.Random(0)  # breaks ties, e.g. an answer sharing no word with any candidate
-    chosen = {c: [closest_candidate(a, item.candidates, judge, item.question) for a, item in zip(answers[c], items)]
+        answers = {c: _generate(lqa, items, read.reads, read.acts[layer], c, batch_size, max_new_tokens) for c in conditions}
+    chosen = {c: [closest_candidate(a, item.candidates, item.question, judge_seed(item, c)) for a, item in zip(answers[c], items)]
               for c in conditions}  # fmt: skip
     return ChoiceResult(list(items), chosen, answers=answers)
+
+
+def judge_seed(item: ChoiceItem, condition: str) -> str:
+    """Seeds the judge's tie-break per item and condition, so a pick does not depend on which
+    other conditions ran."""
+    return f"{item.label}/{item.setting}/{condition}"
 
 
 # Words too common to tell descriptions apart ("The assistant is a ...").
@@ -152,7 +177,8 @@ _STOPWORDS = frozenset(
 
 
 def _words(text: str, ignore: frozenset[str] = frozenset()) -> Counter:
-    words = (_stem(w) for w in re.findall(r"[a-z0-9]+", text.lower()) if w not in _STOPWORDS)
+    # three letters at least: no contraction fragments ("assistant's" -> "s", "don't" -> "t")
+    words = (_stem(w) for w in re.findall(r"[a-z0-9]+", text.lower()) if len(w) >= 3 and w not in _STOPWORDS)
     return Counter(w for w in words if w not in ignore)
 
 
@@ -180,10 +206,11 @@ def word_overlap(answer: str, candidate: str, question: str = "") -> float:
     return 2 * precision * recall / (precision + recall)
 
 
-def closest_candidate(answer: str, candidates: Sequence[str], rng: random.Random, question: str = "") -> int:
-    """The candidate with the highest `word_overlap`, ties broken by `rng`."""
+def closest_candidate(answer: str, candidates: Sequence[str], question: str = "", seed: str = "") -> int:
+    """The candidate with the highest `word_overlap`, ties (e.g. an answer sharing no word with
+    any candidate) drawn at random, seeded by `seed`."""
     scores = [word_overlap(answer, c, question) for c in candidates]
-    return rng.choice([i for i, s in enumerate(scores) if s == max(scores)])
+    return random.Random(seed).choice([i for i, s in enumerate(scores) if s == max(scores)])
 
 
 def _read_all(lqa: LatentQA, items: Sequence[ChoiceItem], layers: list[int], batch_size: int):
@@ -219,7 +246,7 @@ def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
             losses += lqa.model.example_losses(batch, part_acts, shift, adapter).tolist()
         sizes = [len(item.candidates) for item in items]
         chosen[condition] = _argmins(losses, sizes)
-        starts = [sum(sizes[:i]) for i in range(len(items))]
+        starts = itertools.accumulate(sizes[:-1], initial=0)
         answer_losses[condition] = [losses[start + item.answer] for start, item in zip(starts, items)]
     return ChoiceResult(list(items), chosen, answer_losses=answer_losses)
 

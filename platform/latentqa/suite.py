@@ -3,9 +3,9 @@
 
 - loss with true, shuffled and no activations, and the activation gain with its paired 95%
   interval (`latentqa.evaluation`);
-- multiple-choice identification of held-out personas and goals, top-1 accuracy with true,
-  shuffled and no activations and the text and prompting baselines, for system-prompt and
-  reply-only dialogs (`latentqa.identification`);
+- multiple-choice identification of held-out labels, top-1 accuracy with true, shuffled and no
+  activations and the text and prompting baselines, for personas and goals in system prompts or
+  shown by the target's reply, and the paper's scenario stories (`latentqa.identification`);
 - open-ended reading of the same items: generated answers, each judged by the candidate it shares
   the most words with, under the same conditions;
 - optionally a layer map: identification, and the activation gain on the true descriptions, with
@@ -25,7 +25,7 @@ from typing import Sequence
 
 from .data import DatasetSpec, Example, load_examples
 from .evaluation import EvalResult, evaluate
-from .identification import CONDITIONS, ChoiceResult, choice_items, layer_map, multiple_choice, open_ended
+from .identification import CONDITIONS, ChoiceResult, choice_items, layer_map, multiple_choice, open_ended, read_items
 from .session import LatentQA
 
 TASKS = ("loss", "choice", "reading")
@@ -35,7 +35,7 @@ TASKS = ("loss", "choice", "reading")
 class SuiteResult:
     read_layer: int
     loss: EvalResult | None = None
-    choice: ChoiceResult | None = None  # None where not asked for, or the set has no persona/goal dialogs
+    choice: ChoiceResult | None = None  # None where not asked for, or the set has no dialogs to identify
     reading: ChoiceResult | None = None  # open-ended, over the same items
     layers: dict[int, ChoiceResult] = field(default_factory=dict)  # the layer map, if asked for
 
@@ -144,11 +144,14 @@ def run_suite(lqa: LatentQA, spec: DatasetSpec, examples: Sequence[Example] | No
     if "loss" in tasks:
         examples = load_examples(spec) if examples is None else examples
         result["loss"] = evaluate(lqa, examples, read_layer=layer, batch_size=batch_size)
-    items = choice_items(spec.path, k=choices, seed=spec.seed) if Path(spec.path).is_dir() else []
+    identifying = {"choice", "reading"} & set(tasks) or layers
+    items = choice_items(spec.path, k=choices, seed=spec.seed) if identifying and Path(spec.path).is_dir() else []
+    if items:  # one target pass per dialog for every task and layer
+        read = read_items(lqa, items, [layer, *layers], batch_size)
     if items and "choice" in tasks:
-        result["choice"] = multiple_choice(lqa, items, read_layer=layer, batch_size=batch_size)
+        result["choice"] = multiple_choice(lqa, items, layer, batch_size, read=read)
     if items and "reading" in tasks:
-        result["reading"] = open_ended(lqa, items, read_layer=layer, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        result["reading"] = open_ended(lqa, items, layer, batch_size, max_new_tokens, read=read)
     if items and layers:
-        result["layers"] = layer_map(lqa, items[:map_items], layers, batch_size)
+        result["layers"] = layer_map(lqa, items[:map_items], layers, batch_size, read=read.first(map_items))
     return SuiteResult(layer, **result)

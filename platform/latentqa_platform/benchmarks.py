@@ -370,7 +370,7 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
 
     lqa.model.eval()
     times = interleaved({"suite (multiple choice)": suite, "bare forwards": bare}, repeats)
-    return _timed_row("evaluation suite", times, 1.25, "<= 1.25x", items=len(chosen), candidates=4,
+    return _timed_row("evaluation suite (multiple choice)", times, 1.25, "<= 1.25x", items=len(chosen), candidates=4,
                       conditions=len(CONDITIONS), scored_rows=sum(len(b) for b, _ in scoring),
                       target_passes=len(target_batches))  # fmt: skip
 
