@@ -206,9 +206,9 @@ def register_decoder(tracking: str, model_id: str, name: str, tags: dict[str, st
     import mlflow
 
     # MLflow's own registration also links the version on the logged model's page; it reads the
-    # model from the default tracking store.
+    # model from the default tracking store, and registers where that store's registry is. (No
+    # set_registry_uri: it is process-wide and outranks every client's own tracking URI after.)
     mlflow.set_tracking_uri(tracking)
-    mlflow.set_registry_uri(tracking)
     version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
     return f"{name}/{version.version}"
 
