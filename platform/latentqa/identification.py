@@ -231,18 +231,24 @@ def read_sources(items: Sequence[ChoiceItem], condition: str) -> list[int]:
     return shuffled_partners(items, key=lambda item: item.label) if condition == "shuffled" else list(range(len(items)))
 
 
+def scoring_batches(lqa: LatentQA, items: Sequence[ChoiceItem], reads: Sequence[ReadSide], condition: str, batch_size: int):
+    """The batches that score every item's candidates under `condition`, in order: (the index of
+    the dialog whose activations patch each row, the batch, the adapter that scores it)."""
+    jobs = [(i, j, c) for i, j in enumerate(read_sources(items, condition)) for c in items[i].candidates]
+    for start in range(0, len(jobs), batch_size):
+        part = jobs[start : start + batch_size]
+        batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], c))
+                             for i, j, c in part])  # fmt: skip
+        yield [j for _, j, _ in part], batch, None if condition == "prompting" else DECODER
+
+
 def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
     shift = lqa.config.patch.shift_position_ids_read
     chosen, answer_losses = {}, {}
     for condition in conditions:
-        jobs = [(i, j, c) for i, j in enumerate(read_sources(items, condition)) for c in items[i].candidates]
         losses = []
-        for start in range(0, len(jobs), batch_size):
-            part = jobs[start : start + batch_size]
-            batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], c))
-                                 for i, j, c in part])  # fmt: skip
-            part_acts = torch.cat([acts[j] for _, j, _ in part]) if condition in ("true", "shuffled") else None
-            adapter = None if condition == "prompting" else DECODER
+        for sources, batch, adapter in scoring_batches(lqa, items, reads, condition, batch_size):
+            part_acts = torch.cat([acts[j] for j in sources]) if condition in ("true", "shuffled") else None
             losses += lqa.model.example_losses(batch, part_acts, shift, adapter).tolist()
         sizes = [len(item.candidates) for item in items]
         chosen[condition] = _argmins(losses, sizes)

@@ -324,9 +324,8 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
     forwards on the same batches, laid out beforehand: the target's blocks 0..L per dialog batch,
     and per candidate batch the decoder's (or, for prompting, the target's) forward with the LM
     head on the labelled positions only; no hooks, no patching, no layout."""
-    from latentqa.identification import CONDITIONS, choice_items, condition_write_side, multiple_choice, read_sources
+    from latentqa.identification import CONDITIONS, choice_items, condition_write_side, multiple_choice, scoring_batches
     from latentqa.layout import IGNORE_INDEX, LaidOutExample
-    from latentqa.models import DECODER
     from latentqa.paths import OFFLINE_HELDOUT
     from latentqa.patching import positions
 
@@ -335,14 +334,8 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
     reads = [lqa.layout.read_side(item.dialog) for item in chosen]
     first = [LaidOutExample(r, condition_write_side(lqa, "true", item, r, item.candidates[0])) for r, item in zip(reads, chosen)]
     target_batches = [lqa.collate(first[i : i + batch_size]) for i in range(0, len(first), batch_size)]
-    scoring = []  # (batch, adapter) as the suite scores them
-    for condition in CONDITIONS:
-        jobs = [(i, j, c) for i, j in enumerate(read_sources(chosen, condition)) for c in chosen[i].candidates]
-        for start in range(0, len(jobs), batch_size):
-            part = jobs[start : start + batch_size]
-            batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, chosen[i], reads[j], c))
-                                 for i, j, c in part])  # fmt: skip
-            scoring.append((batch, None if condition == "prompting" else DECODER))
+    scoring = [(batch, adapter) for condition in CONDITIONS  # as the suite scores them
+               for _, batch, adapter in scoring_batches(lqa, chosen, reads, condition, batch_size)]  # fmt: skip
     causal = lqa.model.peft_model.get_base_model()
     inner = causal.get_decoder()
     all_layers = inner.layers
