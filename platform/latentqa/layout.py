@@ -59,13 +59,6 @@ class LaidOutExample:
         return out
 
 
-def _tokenize_at(chat_format: ChatFormat, text: str, cuts: list[int]) -> tuple[list[int], list[list[int]]]:
-    """Text cut at `cuts` (char positions) and tokenised piece by piece: the piece bounds, and
-    the pieces' token ids. Cutting first makes every cut an exact token boundary."""
-    bounds = sorted({0, *cuts, len(text)})
-    return bounds, chat_format.encode([text[a:b] for a, b in zip(bounds, bounds[1:])])
-
-
 def _token_index(bounds: list[int], pieces: list[list[int]]) -> dict[int, int]:
     """char bound -> token index where that bound falls."""
     index, total = {}, 0
@@ -91,7 +84,9 @@ class Layout:
     # ----- read side -------------------------------------------------------------------
     def read_side(self, dialog: ReadDialog) -> ReadSide:
         fmt = self.chat_format
-        rendered = fmt.render(dialog.messages, add_generation_prompt=dialog.add_generation_prompt)
+        rendered = fmt.render(
+            dialog.messages, add_generation_prompt=dialog.add_generation_prompt, thinking=self.thought_tokens
+        )
         bos_end = len(fmt.bos_text)
         verb_start = verb_end = bos_end
         if dialog.verb == "system":
@@ -106,7 +101,7 @@ class Layout:
             if len(user_turns) >= 2:
                 verb_start = rendered.turn_starts[user_turns[0]]
                 verb_end = rendered.turn_starts[user_turns[1]]
-        bounds, pieces = _tokenize_at(fmt, rendered.text, [bos_end, verb_start, verb_end])
+        bounds, pieces = fmt.tokenize(rendered, [bos_end, verb_start, verb_end])
         at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]
         verb_start_tok, verb_end_tok = at[verb_start], at[verb_end]
@@ -137,7 +132,7 @@ class Layout:
         # train learns every decoder turn, score only the answer, generate nothing
         labelled = {"train": decoder_turns, "score": decoder_turns[-1:], "generate": []}[mode]
         label_spans = [(rendered.content_spans[k][0], rendered.turn_ends[k]) for k in labelled]
-        bounds, pieces = _tokenize_at(fmt, rendered.text, [*placeholder, *(b for span in label_spans for b in span)])
+        bounds, pieces = fmt.tokenize(rendered, [*placeholder, *(b for span in label_spans for b in span)])
         pieces[bounds.index(placeholder[0])] = fmt.placeholder_ids(n) if stand_in is None else stand_in
         at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]
@@ -154,7 +149,7 @@ class Layout:
         fmt = self.chat_format
         rendered = fmt.render([*messages, {"role": "assistant", "content": answer}])
         span = (rendered.content_spans[-1][0], rendered.turn_ends[-1])
-        bounds, pieces = _tokenize_at(fmt, rendered.text, list(span))
+        bounds, pieces = fmt.tokenize(rendered, list(span))
         at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]
         labels = [IGNORE_INDEX] * len(ids)

@@ -98,7 +98,7 @@ def complete(
     user prompts or whole dialogs (lists of messages)."""
     fmt = lqa.chat_format
     dialogs = [[{"role": "user", "content": p}] if isinstance(p, str) else p for p in prompts]
-    rows = [fmt.encode([fmt.render_text(d, add_generation_prompt=True)])[0] for d in dialogs]
+    rows = [fmt.prompt_ids(d) for d in dialogs]
     ids, attention = left_pad(rows, fmt.pad_id)
     ids, attention = ids.to(lqa.device), attention.to(lqa.device)
     tokens = lqa.model.generate(
