@@ -106,12 +106,14 @@ def test_unsupported_templates_fail_clearly(family_tokenizers, template, message
 
 def test_encode_matches_the_tokenizer_on_rendered_pieces(llama3_tokenizer, family_tokenizers):
     """`encode` calls the Rust tokenizer directly (faster for a layout's short pieces); its ids
-    must be the wrapper's, special tokens included."""
+    must be the wrapper's, special tokens included (or split, for plain text)."""
     for name, tokenizer in {"llama3-real": llama3_tokenizer, **family_tokenizers}.items():
         fmt = ChatFormat(tokenizer)
         text = fmt.render_text([{"role": "user", "content": "Ahoy, matey! Où est le trésor? 1234"}], add_generation_prompt=True)
         pieces = [text[:7], text[7:40], text[40:], " ?", "?"]
         assert fmt.encode(pieces) == tokenizer(pieces, add_special_tokens=False)["input_ids"], name
+        split = tokenizer(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        assert fmt.encode(pieces, plain=True) == split != fmt.encode(pieces), name
 
 
 def test_encode_never_truncates_even_when_the_tokenizer_file_does(family_tokenizers):

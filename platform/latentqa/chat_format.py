@@ -2,8 +2,9 @@
 
 Nothing here is keyed by model name. Every fact the layout needs (BOS, where turns start,
 how a system prompt is placed, whether the decoder may use its own role name, which token
-ids make n placeholders) is found by rendering small probe dialogs through the template and
-looking at where the probe contents land in the text.
+ids make n placeholders, which variable switches thinking) is found by rendering small probe
+dialogs through the template and looking at where the probe contents land in the text.
+docs/chat-templates.md shows the result for each tested family.
 """
 
 from __future__ import annotations
@@ -79,17 +80,20 @@ class _Shape:
 
 
 def _rust_backends(tokenizer: PreTrainedTokenizerBase):
-    """The fast tokenizer's Rust tokenizer, and a copy of it that encodes special-token strings
-    as plain text, when calling them directly gives the Python wrapper's ids (no truncation or
-    padding configured); else None. For a layout's few short pieces the wrapper's per-call set-up
-    and the batch call's thread pool cost more than the tokenising itself: over half the
-    layout's time (docs/benchmarks.md, "layout")."""
+    """Two copies of the fast tokenizer's Rust tokenizer, plain=False and plain=True (special-token
+    strings encoded as text), when calling them directly gives the Python wrapper's ids (no
+    truncation or padding configured); else None. For a layout's few short pieces the wrapper's
+    per-call set-up and the batch call's thread pool cost more than the tokenising itself: over
+    half the layout's time (docs/benchmarks.md, "layout"). Copies, because the wrapper leaves its
+    own backend's flag as its last `split_special_tokens` call set it."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return None
-    plain = copy.deepcopy(backend)
-    plain.encode_special_tokens = True  # what the wrapper's split_special_tokens=True does
-    return {False: backend, True: plain}
+    copies = {}
+    for plain in (False, True):
+        copies[plain] = copy.deepcopy(backend)
+        copies[plain].encode_special_tokens = plain
+    return copies
 
 
 class ChatFormat:
@@ -116,8 +120,8 @@ class ChatFormat:
 
     # ----- rendering -------------------------------------------------------------------
     def render_text(self, messages: list[Message], add_generation_prompt: bool = False, thinking: bool = False) -> str:
-        """The template's own rendering. `thinking` sets the template's thinking switch where it
-        has one; without it, templates that have one render their non-thinking form."""
+        """The template's own rendering, with its thinking switch (if it has one) set to `thinking`:
+        off unless asked, so Qwen3 renders its non-thinking form."""
         switch = {self.thinking_switch: thinking} if self.thinking_switch else {}
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt, **switch
@@ -389,4 +393,4 @@ def _common_prefix(a: str, b: str) -> str:
 
 def _overlap(text: str, continuation: str) -> int:
     """The length of the longest start of `continuation` that `text` already ends with."""
-    return next((k for k in range(len(continuation), 0, -1) if text.endswith(continuation[:k])), 0)
+    return next((k for k in range(min(len(text), len(continuation)), 0, -1) if text.endswith(continuation[:k])), 0)
