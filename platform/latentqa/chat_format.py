@@ -12,9 +12,11 @@ from __future__ import annotations
 import copy
 import functools
 import re
+import threading
 from dataclasses import dataclass
 from typing import Literal
 
+from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerBase
 
 # The decoder answers as "reflect" where the template allows arbitrary roles: the published
@@ -26,6 +28,8 @@ _PROBES = ("qzxprobeone", "qzxprobetwo", "qzxprobethree", "qzxprobefour")
 # `enable_thinking`, DeepSeek-V3.1's `thinking`). Which one a template honours, if any, is found
 # by rendering a generation prompt both ways.
 THINKING_SWITCHES = ("enable_thinking", "thinking")
+# How a reasoning target's reply opens its thought (SPEC "Data", case 4).
+THOUGHT_OPENING = "<think>"
 
 Message = dict[str, str]
 SystemPlacement = Literal["own_turn", "folded", "merged"]
@@ -79,21 +83,55 @@ class _Shape:
         return RenderedDialog("".join(text_parts), starts, spans, ends)
 
 
-def _rust_backends(tokenizer: PreTrainedTokenizerBase):
-    """Two copies of the fast tokenizer's Rust tokenizer, plain=False and plain=True (special-token
-    strings encoded as text), when calling them directly gives the Python wrapper's ids (no
-    truncation or padding configured); else None. For a layout's few short pieces the wrapper's
-    per-call set-up and the batch call's thread pool cost more than the tokenising itself: over
-    half the layout's time (docs/benchmarks.md, "layout"). Copies, because the wrapper leaves its
-    own backend's flag as its last `split_special_tokens` call set it."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None or backend.truncation is not None or backend.padding is not None:
-        return None
-    copies = {}
-    for plain in (False, True):
-        copies[plain] = copy.deepcopy(backend)
-        copies[plain].encode_special_tokens = plain
-    return copies
+class _Encoder:
+    """Token ids of template text (special tokens recognised) and of plain text (message contents,
+    where the tokens that mark turns are spelled out as text)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        # The Rust tokenizer is called directly: for a layout's few short pieces the wrapper's
+        # per-call set-up and the batch call's thread pool cost more than the tokenising itself,
+        # over half the layout's time (docs/benchmarks.md, "layout"). A layout never truncates or
+        # pads (some tokenizer.json files ask for it): a copy without either, where needed.
+        if backend is not None and (backend.truncation is not None or backend.padding is not None):
+            backend = _unbounded_copy(backend)
+        self._backend = backend
+        self._plain_backend = None
+        self._lock = threading.Lock()
+        self.turn_markup: frozenset[str] = frozenset()  # set by ChatFormat once it knows them
+
+    def template(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        self._backend.encode_special_tokens = False  # the wrapper leaves it as its last call set it
+        return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]
+
+    def plain(self, texts: list[str]) -> list[list[int]]:
+        backend = self._plain()
+        if backend is None:  # a tokenizer without a Rust backend: only special tokens are split
+            return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        return [backend.encode(text, add_special_tokens=False).ids for text in texts]
+
+    def _plain(self):
+        """A copy of the Rust tokenizer that splits special tokens, and the turn markup's tokens that
+        are not marked special (DeepSeek's `<｜User｜>`), as the wrapper's split_special_tokens does
+        for special ones. Made on first use: copying a large vocabulary takes a second or two."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        with self._lock:
+            if self._plain_backend is None and backend is not None:
+                plain = _unbounded_copy(backend)
+                plain.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(self.turn_markup)])
+                plain.encode_special_tokens = True
+                self._plain_backend = plain
+        return self._plain_backend
+
+
+def _unbounded_copy(backend):
+    backend = copy.deepcopy(backend)
+    backend.no_truncation()
+    backend.no_padding()
+    return backend
 
 
 class ChatFormat:
@@ -105,9 +143,11 @@ class ChatFormat:
                 "the tokenizer has no chat_template; LatentQA renders dialogs with the target's template"
             )
         self.tokenizer = tokenizer
-        self._rust = _rust_backends(tokenizer)
-        self._special_text = _special_token_pattern(tokenizer)
+        self._encoder = _Encoder(tokenizer)
+        # the text of any added token but whitespace (Gemma's `\n`), which templates never parse
+        self._added_text = _pattern(t.content for t in tokenizer.added_tokens_decoder.values() if t.content.strip())
         self.thinking_switch = self._discover_thinking_switch()
+        self.trims_contents = self._discover_trimming()
         self.bos_text = self._discover_bos()
         self.bos_id = tokenizer.bos_token_id if self.bos_text else None
         self.pad_id = _pad_id(tokenizer)
@@ -117,15 +157,21 @@ class ChatFormat:
         self.placeholder_first_id, self.placeholder_rest_id = self._discover_placeholder_ids()
         self.reply_end = self._discover_reply_end()
         self.stop_ids = self._discover_stop_ids()
+        self.turn_markup = self._encoder.turn_markup = self._discover_turn_markup()
+        self._markup_text = _pattern(self.turn_markup)
 
     # ----- rendering -------------------------------------------------------------------
     def render_text(self, messages: list[Message], add_generation_prompt: bool = False, thinking: bool = False) -> str:
         """The template's own rendering, with its thinking switch (if it has one) set to `thinking`:
         off unless asked, so Qwen3 renders its non-thinking form."""
         switch = {self.thinking_switch: thinking} if self.thinking_switch else {}
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt, **switch
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, **switch
+            )
+        except Exception as err:  # templates raise on roles or orders they do not accept
+            roles = [m["role"] for m in messages]
+            raise UnsupportedChatTemplate(f"the chat template cannot render roles {roles}: {err}") from None
 
     def render(
         self,
@@ -143,11 +189,13 @@ class ChatFormat:
         """
         if thinking and messages[-1]["role"] == "assistant" and not add_generation_prompt and generation_role is None:
             return self._generated_reply(messages)
-        contents = [m["content"].strip() for m in messages]
+        contents = [self._as_rendered(m["content"]) for m in messages]
         roles = tuple(m["role"] for m in messages)
         shape = self._shape(roles, add_generation_prompt, generation_role, thinking)
         rendered = shape.fill(contents)
-        if not shape.verified[0]:
+        # Checked on a shape's first fill, and whenever a content holds a token's text: templates
+        # may rewrite such contents (Qwen3 and DeepSeek-R1 parse `</think>` out of replies).
+        if not shape.verified[0] or any(self._added_text and self._added_text.search(c) for c in contents):
             expected = self._render_whole(
                 [{"role": r, "content": c} for r, c in zip(roles, contents)], add_generation_prompt, generation_role, thinking
             )
@@ -165,9 +213,11 @@ class ChatFormat:
         answer), then the end of its turn. Templates may render a past reply otherwise (DeepSeek-R1
         distills drop its thought), but this is what the model's activations were computed on."""
         prompt = self.render(messages[:-1], add_generation_prompt=True, thinking=True)
-        reply = messages[-1]["content"].strip()
-        # A prompt that already opens the thought (e.g. ends in "<think>\n") is continued by the reply.
-        reply = reply[_overlap(prompt.text, reply) :]
+        reply = self._as_rendered(messages[-1]["content"])
+        # A prompt that already opens the thought (ends in "<think>\n") is continued by the reply.
+        opened = _overlap(prompt.text, reply)
+        if reply.startswith(THOUGHT_OPENING) and opened >= len(THOUGHT_OPENING):
+            reply = reply[opened:]
         start = len(prompt.text)
         text = prompt.text + reply + self.reply_end
         return RenderedDialog(
@@ -237,21 +287,18 @@ class ChatFormat:
         return _Shape(pieces, header_lens, tail_lens, len(self.bos_text), [False])
 
     def generation_prompt(self, messages: list[Message], role: str) -> str:
-        """The text that opens a new turn of `role` after `messages`."""
-        probe = _PROBES[3]
-        try:
-            alone = self.render_text(messages)
-            full = self.render_text(messages + [{"role": role, "content": probe}])
-        except Exception as err:  # templates that validate roles or their order raise
-            raise UnsupportedChatTemplate(f"cannot open a {role!r} turn with this chat template: {err}") from err
-        last = messages[-1]["content"].strip()
-        at = full.find(probe)
-        end, alone_end = full.rfind(last, 0, max(at, 0)), alone.rfind(last)
-        if at < 0 or end < 0 or alone_end < 0:
+        """The text that opens a new turn of `role` after `messages` (whose contents do not matter:
+        probes stand in for them, so that the last one can be found)."""
+        probed = [{"role": m["role"], "content": f"qzxturn{k}qzx"} for k, m in enumerate(messages)]
+        last, new = probed[-1]["content"], _PROBES[3]
+        alone = self.render_text(probed)
+        full = self.render_text(probed + [{"role": role, "content": new}])
+        at = full.find(new)
+        if at < 0 or last not in full[:at]:
             raise UnsupportedChatTemplate(f"cannot open a {role!r} turn with this chat template")
         # The last turn ends where its rendering alone and followed by the new turn part ways.
-        end += len(last)
-        end += len(_common_prefix(alone[alone_end + len(last) :], full[end:at]))
+        end = full.index(last) + len(last)
+        end += len(_common_prefix(alone[alone.index(last) + len(last) :], full[end:at]))
         return full[end:at]
 
     def placeholder_ids(self, n: int) -> list[int]:
@@ -261,23 +308,21 @@ class ChatFormat:
     # ----- tokenizing ------------------------------------------------------------------
     def encode(self, texts: list[str], plain: bool = False) -> list[list[int]]:
         """Token ids of text pieces. Template text holds special tokens; `plain` text (message
-        contents) keeps special-token strings as text, the ids the tokenizer gives with special
-        tokens split, so content can never open or close a turn."""
+        contents) spells out the tokens that mark turns (`turn_markup`): the ids the tokenizer gives
+        with special tokens split, so content can never open or close a turn."""
         if not texts:
             return []
-        if self._rust is not None:  # a layout's few short pieces: see _rust_backends
-            return [self._rust[plain].encode(text, add_special_tokens=False).ids for text in texts]
-        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=plain)["input_ids"]
+        return self._encoder.plain(texts) if plain else self._encoder.template(texts)
 
     def tokenize(self, rendered: RenderedDialog, cuts: list[int] = ()) -> tuple[list[int], list[list[int]]]:
         """A rendered dialog cut at `cuts` and tokenised piece by piece: the piece bounds, and the
         pieces' token ids. Cutting first makes every cut an exact token boundary; the layout cuts
         at turn boundaries, so the ids are those of tokenising the whole text.
 
-        A content holding the text of a special token is the exception: it is cut out and encoded
-        as plain text (`encode`), so that a message can never open or close a turn."""
+        A content holding the text of a turn-markup token is the exception: it is cut out and
+        encoded as plain text (`encode`), so that a message can never open or close a turn."""
         text = rendered.text
-        forged = [(a, b) for a, b in rendered.content_spans if self._special_text and self._special_text.search(text, a, b)]
+        forged = [(a, b) for a, b in rendered.content_spans if self._markup_text and self._markup_text.search(text, a, b)]
         bounds = sorted({0, *cuts, *(b for span in forged for b in span), len(text)})
         spans = list(zip(bounds, bounds[1:]))
         plain = [any(a <= start and end <= b for a, b in forged) for start, end in spans]
@@ -303,9 +348,32 @@ class ChatFormat:
             try:
                 if render(**{name: True}) != render(**{name: False}):
                     return name
-            except Exception:  # the template raises on its own input: no switch found here
-                return None
+            except Exception:  # a template that rejects this variable has not got this switch
+                continue
         return None
+
+    def _discover_trimming(self) -> bool:
+        """Whether the template trims message contents (Llama-3, Gemma) or inserts them as given."""
+        return f" {_PROBES[0]}\n" not in self.render_text([{"role": "user", "content": f" {_PROBES[0]}\n"}])
+
+    def _as_rendered(self, content: str) -> str:
+        return content.strip() if self.trims_contents else content
+
+    def _discover_turn_markup(self) -> frozenset[str]:
+        """The tokens that must never come out of a message's content: the special tokens, and the
+        added tokens the template writes between contents (DeepSeek's `<｜User｜>` is not marked
+        special). Tokens it writes only inside replies (Qwen3's `<think>`) are not among them, nor
+        are whitespace tokens (Gemma's `\n`), which mark nothing."""
+        added = self.tokenizer.added_tokens_decoder
+        pieces = []
+        for roles in (("user", "assistant", "user"), ("system", "user")):
+            try:
+                text = self.render_text([{"role": r, "content": p} for r, p in zip(roles, _PROBES)])
+            except UnsupportedChatTemplate:  # no system role: the first dialog shows the markup
+                continue
+            pieces += re.split("|".join(_PROBES), text)
+        written = {added[i].content for ids in self.encode(pieces) for i in ids if i in added and added[i].content.strip()}
+        return frozenset(written | {t.content for t in added.values() if t.special})
 
     def _discover_bos(self) -> str:
         text = self.render_text([{"role": "user", "content": _PROBES[0]}])
@@ -365,10 +433,10 @@ class ChatFormat:
         return stops
 
 
-def _special_token_pattern(tokenizer: PreTrainedTokenizerBase) -> re.Pattern | None:
-    """Matches the text of any special token (longest first), or None where there are none."""
-    specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values() if t.special}, key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, specials))) if specials else None
+def _pattern(texts) -> re.Pattern | None:
+    """Matches any of `texts` (longest first), or None where there are none."""
+    texts = sorted(set(texts), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, texts))) if texts else None
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
