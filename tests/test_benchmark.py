@@ -28,10 +28,6 @@ TINY = ["--repeats", "1", "--hidden", "64", "--layers", "3", "--intermediate", "
 
 
 def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_dir):
-    from latentqa_platform.benchmarks import PAPER_EVAL
-
-    if not PAPER_EVAL.exists():
-        pytest.skip(f"{PAPER_EVAL} is absent")
     out = tmp_path / "bench"
     argv = [*TINY, "--only", "read", "train_step", "early_exit", "suite", "layout", "memory", "--output", str(out),
             "--suite-items", "4",

@@ -4,16 +4,17 @@ import json
 
 import pytest
 
-from conftest import PAPER_EVAL, shared_path
 from latentqa.data import DataError, DatasetSpec, load_examples, load_records, read_dialog, Record
-from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_TRAIN
+from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_TRAIN, PAPER_DATA
 
 
 def test_paper_eval_files_load_unchanged():
-    folder = shared_path(PAPER_EVAL)
-    examples = load_examples(DatasetSpec(path=folder))
-    assert len(examples) == (500 + 567 + 567) * 2
-    kept = load_examples(DatasetSpec(path=folder, filter=("sqa",)))
+    """The paper's evaluation set (datasets/latentqa, split by label) loads as the paper wrote it."""
+    splits = [PAPER_DATA / "train", PAPER_DATA / "heldout"]
+    records = {name: sum(len(load_records(split / name)) for split in splits) for name in ("system.json", "stimulus.json", "control.json")}
+    assert records == {"system.json": 567, "stimulus.json": 567, "control.json": 500}
+    examples = load_examples(DatasetSpec(path=splits[1]))
+    kept = load_examples(DatasetSpec(path=splits[1], filter=("sqa",)))
     assert 0 < len(kept) < len(examples)
     assert all(e.record.label.split("-")[0] != "sqa" for e in kept)
 

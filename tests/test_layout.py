@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import FIXTURES, shared_path
+from conftest import FIXTURES
 from latentqa.chat_format import ChatFormat
 from latentqa.data import Example, Record
 from latentqa.layout import IGNORE_INDEX, Layout, LayoutError, collate
 
 
 def test_inspect_batch_reproduces_the_golden_layouts(llama3_tokenizer_dir):
-    golden_path = shared_path(FIXTURES / "golden" / "llama3_layout.jsonl")
+    golden_path = FIXTURES / "llama3_layout.jsonl"
     golden = [json.loads(line) for line in golden_path.read_text().splitlines() if line.strip()]
     result = subprocess.run(
         [sys.executable, "-m", "latentqa.cli", "inspect-batch", "--tokenizer", str(llama3_tokenizer_dir), "--input", str(golden_path)],

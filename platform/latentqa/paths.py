@@ -7,6 +7,9 @@ OFFLINE_MODEL = PROJECT_ROOT / "infra" / "models" / "tiny-llama"
 OFFLINE_TRAIN = PROJECT_ROOT / "datasets" / "offline" / "train"
 OFFLINE_HELDOUT = PROJECT_ROOT / "datasets" / "offline" / "heldout"
 STEER_PROMPTS = PROJECT_ROOT / "datasets" / "prompts" / "steer.json"
+PAPER_DATA = PROJECT_ROOT / "datasets" / "latentqa"  # the paper's evaluation set, split by label
+# Real tokenizers with their models' chat templates, fetched by infra/setup.sh (infra/tokenizers/)
+FETCHED_TOKENIZERS = PROJECT_ROOT / "infra" / "tokenizers" / "cache"
 CONTROLS_DIR = PROJECT_ROOT / "controls"
 RUNS_DIR = PROJECT_ROOT / "runs"
 

@@ -30,11 +30,10 @@ from typing import Callable
 
 import torch
 
-from latentqa.paths import OFFLINE_TRAIN, PROJECT_ROOT
+from latentqa.paths import FETCHED_TOKENIZERS, OFFLINE_TRAIN, PAPER_DATA, PROJECT_ROOT
 
-SHARED = PROJECT_ROOT.parent / "shared"
-LLAMA3_TOKENIZER = SHARED / "fixtures" / "tokenizers" / "llama-3-instruct"
-PAPER_EVAL = SHARED / "data" / "latentqa" / "eval"
+LLAMA3_TOKENIZER = FETCHED_TOKENIZERS / "llama-3.1"
+PAPER_TRAIN = PAPER_DATA / "train"
 QUESTIONS = [
     "What type of persona will the assistant adopt?",
     "What is the assistant trying to do?",
@@ -371,7 +370,7 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
 # ---------------------------------------------------------------- 5. layout
 
 
-def layout_throughput(repeats: int, examples: int = 300, data: Path = PAPER_EVAL, tokenizer: Path = LLAMA3_TOKENIZER,
+def layout_throughput(repeats: int, examples: int = 300, data: Path = PAPER_TRAIN, tokenizer: Path = LLAMA3_TOKENIZER,
                       floor: float = 0.5) -> dict:  # fmt: skip
     """Examples/s of the engine's layout (train mode) vs bare tokenizer calls on the same strings
     (each example's rendered read dialog and decoder dialog, one call per example, as the layout
