@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from latentqa.paths import OFFLINE_MODEL, RUNS_DIR
+from latentqa.paths import OFFLINE_MODEL, PROJECT_ROOT, RUNS_DIR
 from latentqa_platform import benchmarks as bm
 
 ENGINE = ["read", "train_step", "early_exit", "suite", "layout", "memory"]
@@ -113,7 +113,10 @@ def platform_rows(args, names: list[str]) -> list[dict]:
         config = load_config(overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}})
         rows.append(report(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
     if "serve" in names:
-        for r in bm.serve_benchmarks(args.serve_repeats, args.serve_requests, args.serve_clients, args.serve_new_tokens):
+        sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
+        from serve.benchmark import serve_benchmarks
+
+        for r in serve_benchmarks(args.serve_repeats, args.serve_requests, args.serve_clients, args.serve_new_tokens):
             rows.append(report(r))
     return rows
 

@@ -1,0 +1,48 @@
+"""The layers import only downwards: the engine (`platform/latentqa`) neither Ray nor MLflow nor
+the platform layer; the platform layer (`platform/latentqa_platform`) neither `jobs/` nor `serve/`.
+Every import counts, the ones inside functions too."""
+
+import ast
+
+import pytest
+
+from latentqa.paths import PROJECT_ROOT
+
+LAYERS = {
+    "platform/latentqa": {"ray", "mlflow", "latentqa_platform", "jobs", "serve"},
+    "platform/latentqa_platform": {"jobs", "serve"},
+}
+
+
+def imported_packages(path) -> dict[str, int]:
+    """Top-level package -> first line importing it (absolute imports only: the layers have no relative ones)."""
+    found = {}
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module]
+        else:
+            continue
+        for name in names:
+            found.setdefault(name.split(".")[0], node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_a_layer_imports_nothing_above_it(layer):
+    files = sorted((PROJECT_ROOT / layer).glob("*.py"))
+    assert files
+    breaches = [
+        f"{path.relative_to(PROJECT_ROOT)}:{line} imports {package}"
+        for path in files
+        for package, line in imported_packages(path).items()
+        if package in LAYERS[layer]
+    ]
+    assert not breaches, "\n".join(breaches)
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    source = tmp_path / "module.py"
+    source.write_text("import os\n\ndef f():\n    from serve.app import build_app\n    import ray.train\n")
+    assert imported_packages(source) == {"os": 1, "serve": 4, "ray": 5}
