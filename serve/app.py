@@ -7,7 +7,7 @@
 Three deployments:
 
 - `Gateway`  the FastAPI ingress: validation, auth, routing; no model.
-- `LatentQAModel` one base model per replica; decoders and control adapters are Serve-multiplexed
+- `ModelReplica` one base model per replica; decoders and control adapters are Serve-multiplexed
   on it (LRU, `max_adapters_per_replica`), reads are batched with @serve.batch, and all model
   work runs on one worker thread so the replica's event loop keeps answering.
 - `Steering` control jobs, one at a time on a background thread; their state lives in MLflow.
@@ -47,7 +47,7 @@ from latentqa_platform.serving import (
 class ServedAdapter:
     """One multiplexed adapter on a replica; Serve calls __del__ when the LRU evicts it."""
 
-    replica: "LatentQAModel"
+    replica: "ModelReplica"
     peft_name: str
     read_layer: int
 
@@ -67,8 +67,8 @@ class ReadJob:
     max_new_tokens: int
 
 
-@serve.deployment(name="LatentQAModel", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
-class LatentQAModel:
+@serve.deployment(name="ModelReplica", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+class ModelReplica:
     def __init__(self, settings: dict):
         from latentqa.session import LatentQA
 
@@ -500,7 +500,7 @@ def build_app(args: dict) -> serve.Application:
     return application(settings)
 
 
-def application(settings: ServeSettings, model=LatentQAModel, steering=Steering, gateway=Gateway) -> serve.Application:
+def application(settings: ServeSettings, model=ModelReplica, steering=Steering, gateway=Gateway) -> serve.Application:
     """The three deployments bound together; callers in Python may pass deployments with
     `.options(...)` (replicas, resources, runtime_env)."""
     args = settings.model_dump(mode="json")

@@ -43,7 +43,7 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
     from latentqa_platform.serving import ServeSettings
     from latentqa_platform.settings import MlflowSettings
 
-    from serve.app import Gateway, LatentQAModel, Steering, application
+    from serve.app import Gateway, ModelReplica, Steering, application
 
     tmp = Path(tempfile.mkdtemp(prefix="latentqa-bench-serve-"))
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
     url = f"http://127.0.0.1:{port}"
     for name, batch in (("batched", clients), ("unbatched", 1)):
         settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, max_batch_size=batch)
-        app = application(settings, model=LatentQAModel.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),
+        app = application(settings, model=ModelReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),
                           steering=Steering.options(ray_actor_options={"num_cpus": 0.25}),
                           gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}))  # fmt: skip
         serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)

@@ -43,7 +43,7 @@ def app(ray_cluster, decoder):
     from ray import serve
 
     from latentqa_platform.serving import ServeSettings
-    from serve.app import Gateway, LatentQAModel, Steering, application
+    from serve.app import Gateway, ModelReplica, Steering, application
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -55,7 +55,7 @@ def app(ray_cluster, decoder):
     )
     app = application(
         settings,
-        model=LatentQAModel.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}),
+        model=ModelReplica.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}),
         steering=Steering.options(ray_actor_options={"num_cpus": 0.5}),
         gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}),
     )
@@ -320,9 +320,9 @@ def test_killing_a_replica_mid_load_loses_nothing_unreported(app):
     from ray import serve
 
     def kill_one_model_replica():
-        status = serve.status().applications[APP].deployments["LatentQAModel"]
+        status = serve.status().applications[APP].deployments["ModelReplica"]
         assert status.status.value == "HEALTHY"
-        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "LatentQAModel" in a["name"]]
+        actors = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ModelReplica" in a["name"]]
         ray.kill(ray.get_actor(actors[0]["name"], namespace=actors[0]["namespace"]), no_restart=True)
 
     latencies, failures = asyncio.run(_load(app, 60, 8, on_half=kill_one_model_replica))
@@ -333,7 +333,7 @@ def test_killing_a_replica_mid_load_loses_nothing_unreported(app):
     assert len(failures) <= 8 and not any(f.startswith("no response") for f in failures), failures
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:  # Serve replaces the replica
-        deployment = serve.status().applications[APP].deployments["LatentQAModel"]
+        deployment = serve.status().applications[APP].deployments["ModelReplica"]
         if deployment.status.value == "HEALTHY":
             break
         time.sleep(1)
