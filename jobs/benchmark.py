@@ -31,14 +31,20 @@ ALL = ENGINE + PLATFORM
 
 
 def parse_args(argv: list[str] | None):
-    p = argparse.ArgumentParser(prog="jobs/benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="jobs/benchmark.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--only", nargs="+", choices=ALL, help="run only these benchmarks")
     p.add_argument("--skip", nargs="+", choices=ALL, default=[], help="skip these benchmarks")
     p.add_argument("--output", type=Path, help="output folder (default runs/benchmarks/<timestamp>/)")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats per timed figure")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the engine figures (default 1: on a shared machine more threads than free "
-                   "cores makes torch's spinning workers stall, and the noise swamps every ratio; 0: torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for the engine figures (default 1: on a shared machine more threads than free "
+        "cores makes torch's spinning workers stall, and the noise swamps every ratio; 0: torch's choice)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (engine figures and the preset)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="engine model dtype")
     g = p.add_argument_group("engine model (a random Llama)")
@@ -80,12 +86,23 @@ def engine_rows(args, names: list[str]) -> list[dict]:
     if needs_model:
         from latentqa.session import LatentQA
 
-        size = bm.ModelSize(hidden=args.hidden, layers=args.layers, intermediate=args.intermediate, heads=args.heads,
-                            kv_heads=args.kv_heads)  # fmt: skip
+        size = bm.ModelSize(
+            hidden=args.hidden,
+            layers=args.layers,
+            intermediate=args.intermediate,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+        )
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = bm.write_model_dir(size, bm._vocab(args.tokenizer), Path(tmp))
-            config = bm.engine_config(model_dir, args.tokenizer, args.read_layer, device=args.device,
-                                      dtype=args.dtype or "float32", batch_size=args.batch_size)  # fmt: skip
+            config = bm.engine_config(
+                model_dir,
+                args.tokenizer,
+                args.read_layer,
+                device=args.device,
+                dtype=args.dtype or "float32",
+                batch_size=args.batch_size,
+            )
             lqa = LatentQA.load(config, train_decoder=True)
         if "early_exit" in names:
             rows.append(report(bm.early_exit(lqa, args.repeats, args.batch_size)))
@@ -96,10 +113,16 @@ def engine_rows(args, names: list[str]) -> list[dict]:
         if "train_step" in names:  # last: it trains the decoder
             rows.append(report(bm.train_step_overhead(lqa, args.repeats, args.batch_size)))
     if "layout" in names:
-        rows.append(report(bm.layout_throughput(args.repeats, args.layout_examples, args.layout_data, args.layout_tokenizer)))
+        rows.append(
+            report(bm.layout_throughput(args.repeats, args.layout_examples, args.layout_data, args.layout_tokenizer))
+        )
     if "memory" in names:
-        size = dataclasses.replace(bm.MEMORY_DEFAULT, hidden=args.memory_hidden, layers=args.memory_layers,
-                                   intermediate=args.memory_intermediate)  # fmt: skip
+        size = dataclasses.replace(
+            bm.MEMORY_DEFAULT,
+            hidden=args.memory_hidden,
+            layers=args.memory_layers,
+            intermediate=args.memory_intermediate,
+        )
         rows.append(report(bm.memory(args.memory_repeats, size)))
     return rows
 
@@ -110,7 +133,9 @@ def platform_rows(args, names: list[str]) -> list[dict]:
     if "ray" in names:
         from latentqa.config import load_config
 
-        config = load_config(overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}})
+        config = load_config(
+            overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}}
+        )
         rows.append(report(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
     if "serve" in names:
         sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
@@ -122,8 +147,11 @@ def platform_rows(args, names: list[str]) -> list[dict]:
 
 
 def report(r: dict) -> dict:
-    print(f"{r['name']}: measured {bm._fmt(r['measured'])} vs baseline {bm._fmt(r['baseline'])} {r['unit']}, "
-          f"ratio {bm._fmt(r['ratio'])} (target {r['target']}: {bm._fmt(r['met'])})", flush=True)  # fmt: skip
+    print(
+        f"{r['name']}: measured {bm._fmt(r['measured'])} vs baseline {bm._fmt(r['baseline'])} {r['unit']}, "
+        f"ratio {bm._fmt(r['ratio'])} (target {r['target']}: {bm._fmt(r['met'])})",
+        flush=True,
+    )
     return r
 
 
@@ -137,25 +165,44 @@ def main(argv: list[str] | None = None) -> int:
     info = bm.machine()
     command = " ".join([Path(sys.executable).name, "jobs/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
     if args.preset:
-        size = bm.LLAMA3_8B if args.preset == "llama3-8b" else bm.ModelSize(hidden=128, layers=4, intermediate=256, heads=4, kv_heads=2)
+        size = (
+            bm.LLAMA3_8B
+            if args.preset == "llama3-8b"
+            else bm.ModelSize(hidden=128, layers=4, intermediate=256, heads=4, kv_heads=2)
+        )
         tokenizer = bm.LLAMA3_TOKENIZER if bm.LLAMA3_TOKENIZER.exists() else args.tokenizer
         dtype = args.dtype or ("bfloat16" if args.preset == "llama3-8b" else "float32")
-        rows = [report(r) for r in bm.gpu_preset(size, args.device, args.repeats, tokenizer, read_layer=15,
-                                                  peak_tflops=args.peak_tflops, dtype=dtype)]  # fmt: skip
+        rows = [
+            report(r)
+            for r in bm.gpu_preset(
+                size, args.device, args.repeats, tokenizer, read_layer=15, peak_tflops=args.peak_tflops, dtype=dtype
+            )
+        ]
     else:
         names = [n for n in (args.only or ALL) if n not in args.skip]
         rows = engine_rows(args, [n for n in names if n in ENGINE])
         if any(n in PLATFORM for n in names):
             rows += platform_rows(args, [n for n in names if n in PLATFORM])
     elapsed = time.perf_counter() - started
-    result = {"command": command, "machine": info, "seconds": elapsed, "args": {k: str(v) for k, v in vars(args).items()},
-              "results": rows}  # fmt: skip
+    result = {
+        "command": command,
+        "machine": info,
+        "seconds": elapsed,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "results": rows,
+    }
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     table = bm.markdown_table(rows)
-    (out / "results.md").write_text(f"# Benchmarks\n\n`{command}` in {elapsed:.0f} s on {json.dumps(info)}\n\n{table}\n")
+    (out / "results.md").write_text(
+        f"# Benchmarks\n\n`{command}` in {elapsed:.0f} s on {json.dumps(info)}\n\n{table}\n"
+    )
     picture = bm.plot(rows, out)
     print(table)
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}" + (f", {picture}" if picture else "") + f" in {elapsed:.0f} s")
+    print(
+        f"wrote {out / 'results.json'}, {out / 'results.md'}"
+        + (f", {picture}" if picture else "")
+        + f" in {elapsed:.0f} s"
+    )
     return 0
 
 

@@ -32,10 +32,14 @@ def _arguments(parser) -> None:
     parser.add_argument("--control", type=Path, help="control file: {name, description, qa}")
     parser.add_argument("--instruction", help="read the control's QA pairs from the target under this instruction")
     parser.add_argument("--name", help="the control's name (default: the control file's)")
-    parser.add_argument("--heldout", type=int, default=3, help="held-out prompts to complete without and with the control")
+    parser.add_argument(
+        "--heldout", type=int, default=3, help="held-out prompts to complete without and with the control"
+    )
 
 
-def control_task(config_json: str, decoder: str, tracking: str, run: controls.RunRef, request: dict, heldout: int) -> str | None:
+def control_task(
+    config_json: str, decoder: str, tracking: str, run: controls.RunRef, request: dict, heldout: int
+) -> str | None:
     """On a worker: the whole job (see controls.run_job); returns `name/version`, or None if it failed."""
     from latentqa.config import LatentQAConfig
 
@@ -44,17 +48,30 @@ def control_task(config_json: str, decoder: str, tracking: str, run: controls.Ru
     body = ControlRequest.model_validate(request)
     lqa = load_session(config, decoder, tracking)
     prompts, held = settings.read_prompts()
-    return controls.run_job(lqa, run, PREFIX + body.name, body.qa, body.instruction, settings.control_questions, prompts,
-                            {"control": body.name, "decoder": decoder, "target_model": config.model.path},
-                            heldout=held[:heldout])  # fmt: skip
+    return controls.run_job(
+        lqa,
+        run,
+        PREFIX + body.name,
+        body.qa,
+        body.instruction,
+        settings.control_questions,
+        prompts,
+        {"control": body.name, "decoder": decoder, "target_model": config.model.path},
+        heldout=held[:heldout],
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config, settings = parse("jobs/control.py", "Train a control adapter and register it in MLflow.", argv, _arguments)
+    args, config, settings = parse(
+        "jobs/control.py", "Train a control adapter and register it in MLflow.", argv, _arguments
+    )
     if (args.control is None) == (args.instruction is None):
         raise ConfigError("give exactly one of --control FILE and --instruction TEXT")
     source = json.loads(args.control.read_text()) if args.control else {}
-    request = {"name": args.name or source.get("name"), **({"qa": source.get("qa")} if args.control else {"instruction": args.instruction})}
+    request = {
+        "name": args.name or source.get("name"),
+        **({"qa": source.get("qa")} if args.control else {"instruction": args.instruction}),
+    }
     try:
         body = ControlRequest.model_validate(request)
     except Exception as err:
@@ -64,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     run = controls.open_job(settings.mlflow, output_dir, body.name, params)
     print(f"mlflow: control job run {run.run_id} at {run.tracking_uri}")
     ray.init(address=settings.ray.address, log_to_driver=True)
-    task = ray.remote(control_task).options(num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0)
-    adapter = ray.get(task.remote(config.model_dump_json(), args.decoder, run.tracking_uri, run, body.model_dump(), args.heldout))
+    task = ray.remote(control_task).options(
+        num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0
+    )
+    adapter = ray.get(
+        task.remote(config.model_dump_json(), args.decoder, run.tracking_uri, run, body.model_dump(), args.heldout)
+    )
     status = controls.job_status(run.tracking_uri, run.run_id)
     if adapter is None:
         print(f"control job failed: {status['error']}", file=sys.stderr)

@@ -27,10 +27,11 @@ from latentqa_platform.curation import load_curation_config, run
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="jobs/curate.py", allow_abbrev=False,
+        prog="jobs/curate.py",
+        allow_abbrev=False,
         description="Curate LatentQA data. Any config field is an override: --stages seed,expand, "
         "--llm.max_in_flight 8, --budget.max_requests 500, --counts.qa_pairs 6.",
-    )  # fmt: skip
+    )
     parser.add_argument("--config", type=Path, help="YAML file of CurationConfig fields")
     args, overrides = parser.parse_known_args(argv)
     config = load_curation_config(args.config, overrides)

@@ -42,7 +42,9 @@ def _arguments(parser) -> None:
     add_suite_arguments(parser)
 
 
-def evaluate_task(config_json: str, decoder: str, tracking_uri: str, rows: list[dict], options: dict) -> tuple[dict, dict]:
+def evaluate_task(
+    config_json: str, decoder: str, tracking_uri: str, rows: list[dict], options: dict
+) -> tuple[dict, dict]:
     """The suite's metrics, and its report files (name -> bytes) for the run's artifacts."""
     from latentqa.config import LatentQAConfig
     from latentqa.suite import run_suite
@@ -72,8 +74,13 @@ def destination(decoder: str, tracking_uri: str, settings, output_dir: Path) -> 
     from mlflow.tracking import MlflowClient
 
     if not decoder.startswith("models:/"):
-        run = tracking.open_run(settings, output_dir, f"evaluate-{tracking.model_slug(decoder)}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                {"decoder": decoder}, {})  # fmt: skip
+        run = tracking.open_run(
+            settings,
+            output_dir,
+            f"evaluate-{tracking.model_slug(decoder)}-{time.strftime('%Y%m%d-%H%M%S')}",
+            {"decoder": decoder},
+            {},
+        )
         return Destination(run, None, 0, "evaluation")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     try:
@@ -103,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"data error: {found}", file=sys.stderr)
         return 2
-    task = ray.remote(evaluate_task).options(num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0)
+    task = ray.remote(evaluate_task).options(
+        num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0
+    )
     metrics, report = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, suite_options(args)))
     tracking.log_metrics(run, metrics, to.step, to.model_id)
     with tempfile.TemporaryDirectory() as tmp:  # results.json, per_item.jsonl and the figures

@@ -56,7 +56,9 @@ def load_dialogs(path: Path) -> list[dict]:
             raise ConfigError(f"{path}: line {number}: not JSON: {err}") from None
         except ValidationError as err:
             where = ".".join(str(p) for p in err.errors()[0]["loc"])
-            raise ConfigError(f"{path}: line {number}: field messages{'.' + where if where else ''}: {err.errors()[0]['msg']}") from None
+            raise ConfigError(
+                f"{path}: line {number}: field messages{'.' + where if where else ''}: {err.errors()[0]['msg']}"
+            ) from None
         rows.append({"id": row.get("id", number), "messages": [m.model_dump() for m in messages]})
     if not rows:
         raise ConfigError(f"{path}: no dialogs")
@@ -78,9 +80,16 @@ class ShardReader:
         questions = self.job["questions"]
         for shard, rows_json in zip(batch["shard"], batch["rows"]):
             rows = json.loads(rows_json)
-            answers = read(self.lqa, [r["messages"] for r in rows], questions, read_layer=self.job["layer"],
-                           max_new_tokens=self.job["max_new_tokens"])  # fmt: skip
-            lines = [json.dumps({**r, "answers": dict(zip(questions, a))}, ensure_ascii=False) for r, a in zip(rows, answers)]
+            answers = read(
+                self.lqa,
+                [r["messages"] for r in rows],
+                questions,
+                read_layer=self.job["layer"],
+                max_new_tokens=self.job["max_new_tokens"],
+            )
+            lines = [
+                json.dumps({**r, "answers": dict(zip(questions, a))}, ensure_ascii=False) for r, a in zip(rows, answers)
+            ]
             final = self.output / f"shard-{int(shard):05d}.jsonl"
             partial = final.with_suffix(f".part-{os.getpid()}")
             partial.write_text("\n".join(lines) + "\n")
@@ -89,7 +98,9 @@ class ShardReader:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, config, settings = parse("jobs/read.py", "Read a JSONL of dialogs with a decoder, in resumable shards.", argv, _arguments)
+    args, config, settings = parse(
+        "jobs/read.py", "Read a JSONL of dialogs with a decoder, in resumable shards.", argv, _arguments
+    )
     if args.shard_size < 1:
         raise ConfigError("--shard-size must be at least 1")
     rows = load_dialogs(args.input)
@@ -109,17 +120,34 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{output} holds the shards of a different job (see its job.json); choose a new --output")
     record.write_text(json.dumps(job, indent=2))
     shards = [rows[i : i + args.shard_size] for i in range(0, len(rows), args.shard_size)]
-    pending = [{"shard": k, "rows": json.dumps(s)} for k, s in enumerate(shards) if not (output / f"shard-{k:05d}.jsonl").exists()]
-    print(f"{len(rows)} dialogs in {len(shards)} shards; {len(pending)} to read, {len(shards) - len(pending)} already done")
+    pending = [
+        {"shard": k, "rows": json.dumps(s)}
+        for k, s in enumerate(shards)
+        if not (output / f"shard-{k:05d}.jsonl").exists()
+    ]
+    print(
+        f"{len(rows)} dialogs in {len(shards)} shards; {len(pending)} to read, {len(shards) - len(pending)} already done"
+    )
     if pending:
         raydata.connect(settings.ray.address)
-        done = ray.data.from_items(pending).map_batches(
-            ShardReader,
-            fn_constructor_kwargs={"config_json": config.model_dump_json(), "decoder": args.decoder,
-                                   "tracking": job_tracking_uri(config, settings), "job": job, "output": str(output)},
-            batch_size=1, concurrency=settings.ray.num_workers, num_cpus=settings.ray.cpus_per_worker,
-            num_gpus=1 if settings.ray.use_gpu else 0,
-        ).take_all()  # fmt: skip
+        done = (
+            ray.data.from_items(pending)
+            .map_batches(
+                ShardReader,
+                fn_constructor_kwargs={
+                    "config_json": config.model_dump_json(),
+                    "decoder": args.decoder,
+                    "tracking": job_tracking_uri(config, settings),
+                    "job": job,
+                    "output": str(output),
+                },
+                batch_size=1,
+                concurrency=settings.ray.num_workers,
+                num_cpus=settings.ray.cpus_per_worker,
+                num_gpus=1 if settings.ray.use_gpu else 0,
+            )
+            .take_all()
+        )
         print(f"read {len(done)} shards")
     print(f"answers in {output}/shard-*.jsonl")
     return 0

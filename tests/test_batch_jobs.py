@@ -9,18 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import import_job, job_env, tail
 from trained_decoder import DECODER_MODEL, trained_decoder
 
+from conftest import import_job, job_env, tail
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
 
 pytestmark = pytest.mark.slow
 DIALOGS = [
     [{"role": "user", "content": "Please talk like a pirate from now on."}],
     [{"role": "system", "content": "You are a cheerful baker."}, {"role": "user", "content": "What should I bake?"}],
-    [{"role": "user", "content": "Always mention the Eiffel Tower."}, {"role": "assistant", "content": "Of course!"},
-     {"role": "user", "content": "What should I do this weekend?"}],
-]  # fmt: skip
+    [
+        {"role": "user", "content": "Always mention the Eiffel Tower."},
+        {"role": "assistant", "content": "Of course!"},
+        {"role": "user", "content": "What should I do this weekend?"},
+    ],
+]
 
 
 @pytest.fixture(scope="session")
@@ -35,11 +38,22 @@ def submit(cluster, decoder, job: str, *args: str) -> subprocess.CompletedProces
     identical working-dir package lets Ray drop it from the GCS while a later job still needs it
     ("Failed to download runtime_env file package"), which these repeated submissions would hit."""
     command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", cluster.dashboard,
-        "--", sys.executable, str(PROJECT_ROOT / "jobs" / job),
-        "--mlflow.tracking_uri", decoder.tracking_uri, "--mlflow.artifact_location", decoder.artifact_location,
-        "--train.output_dir", str(decoder.root / "job-runs"), *args,
-    ]  # fmt: skip
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard,
+        "--",
+        sys.executable,
+        str(PROJECT_ROOT / "jobs" / job),
+        "--mlflow.tracking_uri",
+        decoder.tracking_uri,
+        "--mlflow.artifact_location",
+        decoder.artifact_location,
+        "--train.output_dir",
+        str(decoder.root / "job-runs"),
+        *args,
+    ]
     return subprocess.run(command, cwd=PROJECT_ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=500)
 
 
@@ -47,8 +61,20 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     source = tmp_path / "dialogs.jsonl"
     source.write_text("".join(json.dumps({"id": f"d{i}", "messages": d}) + "\n" for i, d in enumerate(DIALOGS * 2)))
     out = tmp_path / "answers"
-    args = ["--input", str(source), "--output", str(out), "--decoder", decoder.registry_uri, "--shard-size", "2",
-            "--question", "What persona will the assistant adopt?", "--max-new-tokens", "6"]  # fmt: skip
+    args = [
+        "--input",
+        str(source),
+        "--output",
+        str(out),
+        "--decoder",
+        decoder.registry_uri,
+        "--shard-size",
+        "2",
+        "--question",
+        "What persona will the assistant adopt?",
+        "--max-new-tokens",
+        "6",
+    ]
     first = submit(ray_cluster, decoder, "read.py", *args)
     assert first.returncode == 0, tail(first)
     shards = sorted(out.glob("shard-*.jsonl"))
@@ -63,7 +89,7 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     assert again.returncode == 0, tail(again)
     assert "1 to read, 2 already done" in again.stdout, tail(again)
     assert {s.name: s.stat().st_mtime_ns for s in out.glob("shard-*.jsonl") if s.name in kept} == kept
-    assert [json.loads(l)["id"] for l in (out / "shard-00001.jsonl").read_text().splitlines()] == ["d2", "d3"]
+    assert [json.loads(line)["id"] for line in (out / "shard-00001.jsonl").read_text().splitlines()] == ["d2", "d3"]
     # Checked before Ray is contacted (so in process here): another job against the same folder
     # is refused, and a bad line is named.
     job = import_job("read")
@@ -78,11 +104,24 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
 def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, decoder):
     from mlflow.tracking import MlflowClient
 
-    proc = submit(ray_cluster, decoder, "control.py", "--control", str(CONTROLS_DIR / "veganism.json"), "--decoder",
-                  decoder.registry_uri, "--steer.steps", "20", "--steer.lr", "3e-3", "--heldout", "2")  # fmt: skip
+    proc = submit(
+        ray_cluster,
+        decoder,
+        "control.py",
+        "--control",
+        str(CONTROLS_DIR / "veganism.json"),
+        "--decoder",
+        decoder.registry_uri,
+        "--steer.steps",
+        "20",
+        "--steer.lr",
+        "3e-3",
+        "--heldout",
+        "2",
+    )
     assert proc.returncode == 0, tail(proc)
     assert "registered control adapter latentqa-control-veganism/" in proc.stdout, tail(proc)
-    rows = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith('{"prompt"')]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"prompt"')]
     assert len(rows) == 2 and all(set(r) == {"prompt", "target", "steered"} for r in rows)
     client = MlflowClient(decoder.tracking_uri)
     [version] = client.search_model_versions("name='latentqa-control-veganism'")
@@ -94,18 +133,33 @@ def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, deco
 def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
     from mlflow.tracking import MlflowClient
 
-    proc = submit(ray_cluster, decoder, "evaluate.py", "--decoder", decoder.registry_uri, "--layers", "0", "1", "--map-items", "4",
-                  "--max-new-tokens", "4")  # fmt: skip
+    proc = submit(
+        ray_cluster,
+        decoder,
+        "evaluate.py",
+        "--decoder",
+        decoder.registry_uri,
+        "--layers",
+        "0",
+        "1",
+        "--map-items",
+        "4",
+        "--max-new-tokens",
+        "4",
+    )
     assert proc.returncode == 0, tail(proc)
-    result = json.loads([l for l in proc.stdout.splitlines() if l.startswith('{"loss_true"')][0])
+    result = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"loss_true"')][0])
     assert result["activation_gain"] == pytest.approx(result["loss_shuffled"] - result["loss_true"])
     metrics = MlflowClient(decoder.tracking_uri).get_run(decoder.run_id).data.metrics
     assert metrics["heldout/loss_true"] == pytest.approx(result["loss_true"])
     assert {"heldout/loss_shuffled", "heldout/loss_none", "heldout/activation_gain"} <= set(metrics)
     # the suite's identification figures, for both kinds of held-out dialog
     assert metrics["heldout/choice/system/true_accuracy"] == pytest.approx(result["choice/system/true_accuracy"])
-    assert {f"heldout/{task}/reply/{c}_accuracy" for task in ("choice", "reading")
-            for c in ("true", "shuffled", "none", "text", "prompting")} <= set(metrics)  # fmt: skip
+    assert {
+        f"heldout/{task}/reply/{c}_accuracy"
+        for task in ("choice", "reading")
+        for c in ("true", "shuffled", "none", "text", "prompting")
+    } <= set(metrics)
     assert {"heldout/layer_map/0/true_accuracy", "heldout/layer_map/1/shuffled_accuracy"} <= set(metrics)
     # the report as artifacts of the decoder's run: results, the per-item table, the figures
     from latentqa_platform.tracking import logged_model_id

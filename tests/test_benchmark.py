@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 
-import pytest
-
 from latentqa.paths import PROJECT_ROOT
 
 KEYS = {"name", "measured", "baseline", "unit", "ratio", "target", "met", "details"}
@@ -23,20 +21,67 @@ def _job():
     return module
 
 
-TINY = ["--repeats", "1", "--hidden", "64", "--layers", "3", "--intermediate", "128", "--heads", "4", "--kv-heads", "2",
-        "--read-layer", "1", "--questions", "3", "--new-tokens", "4", "--batch-size", "2"]  # fmt: skip
+TINY = [
+    "--repeats",
+    "1",
+    "--hidden",
+    "64",
+    "--layers",
+    "3",
+    "--intermediate",
+    "128",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--read-layer",
+    "1",
+    "--questions",
+    "3",
+    "--new-tokens",
+    "4",
+    "--batch-size",
+    "2",
+]
 
 
 def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_dir):
     out = tmp_path / "bench"
-    argv = [*TINY, "--only", "read", "train_step", "early_exit", "suite", "layout", "memory", "--output", str(out),
-            "--suite-items", "4",
-            "--layout-examples", "10", "--layout-tokenizer", str(llama3_tokenizer_dir),
-            "--memory-hidden", "64", "--memory-layers", "2", "--memory-intermediate", "128"]  # fmt: skip
+    argv = [
+        *TINY,
+        "--only",
+        "read",
+        "train_step",
+        "early_exit",
+        "suite",
+        "layout",
+        "memory",
+        "--output",
+        str(out),
+        "--suite-items",
+        "4",
+        "--layout-examples",
+        "10",
+        "--layout-tokenizer",
+        str(llama3_tokenizer_dir),
+        "--memory-hidden",
+        "64",
+        "--memory-layers",
+        "2",
+        "--memory-intermediate",
+        "128",
+    ]
     assert _job().main(argv) == 0
     result = json.loads((out / "results.json").read_text())
     names = [r["name"] for r in result["results"]]
-    assert names == ["early exit", "read overhead", "evaluation suite (multiple choice)", "train step", "layout", "memory"]
+    assert names == [
+        "early exit",
+        "read overhead",
+        "evaluation suite (multiple choice)",
+        "train step",
+        "layout",
+        "memory",
+    ]
     for r in result["results"]:
         assert KEYS <= set(r), r
         assert r["measured"] > 0 and r["baseline"] > 0 and r["ratio"] > 0

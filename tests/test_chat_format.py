@@ -11,7 +11,11 @@ RECORDS = {
     "none": Record(control_user="Be a pirate.", label="a"),
     "user": Record(control_user="Be a pirate.", control_model="Aye.", stimulus_user="Hi there", label="a"),
     "completion": Record(
-        control_user="Be a pirate.", control_model="Aye.", stimulus_user="Hi there", stimulus_model="Arr matey.", label="a"
+        control_user="Be a pirate.",
+        control_model="Aye.",
+        stimulus_user="Hi there",
+        stimulus_model="Arr matey.",
+        label="a",
     ),
 }
 
@@ -109,7 +113,9 @@ def test_encode_matches_the_tokenizer_on_rendered_pieces(llama3_tokenizer, famil
     must be the wrapper's, special tokens included (or split, for plain text)."""
     for name, tokenizer in {"llama3-real": llama3_tokenizer, **family_tokenizers}.items():
         fmt = ChatFormat(tokenizer)
-        text = fmt.render_text([{"role": "user", "content": "Ahoy, matey! Où est le trésor? 1234"}], add_generation_prompt=True)
+        text = fmt.render_text(
+            [{"role": "user", "content": "Ahoy, matey! Où est le trésor? 1234"}], add_generation_prompt=True
+        )
         pieces = [text[:7], text[7:40], text[40:], " ?", "?"]
         assert fmt.encode(pieces) == tokenizer(pieces, add_special_tokens=False)["input_ids"], name
         split = tokenizer(pieces, add_special_tokens=False, split_special_tokens=True)["input_ids"]

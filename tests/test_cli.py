@@ -6,7 +6,9 @@ import sys
 
 
 def latentqa(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "latentqa.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "latentqa.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 def test_help_lists_every_subcommand():
@@ -23,7 +25,9 @@ def test_unknown_config_field_is_named_before_anything_loads():
 
 
 def test_malformed_data_names_file_and_record(tmp_path):
-    (tmp_path / "control.json").write_text(json.dumps([{"control_user": "hi", "label": "a"}, {"control_user": "x", "lable": "a"}]))
+    (tmp_path / "control.json").write_text(
+        json.dumps([{"control_user": "hi", "label": "a"}, {"control_user": "x", "lable": "a"}])
+    )
     (tmp_path / "qa.json").write_text(json.dumps({"a": [["q", "a"]]}))
     result = latentqa("train", "--data.train.path", str(tmp_path), "--train.output_dir", str(tmp_path / "runs"))
     assert result.returncode != 0

@@ -18,19 +18,31 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from test_serve import TOKEN, app, decoder  # noqa: F401  the Serve app's fixtures, reused as they are
 
+from conftest import free_port
 from latentqa.config import ConfigError
 from latentqa.data import load_qa, load_records
 from latentqa.paths import PROJECT_ROOT
 from latentqa_platform.curation import (
-    PROMPTS_DIR, CurationConfig, Dedup, ReplyError, append_jsonl, load_curation_config, parse_reply, read_jsonl, run,
-)  # fmt: skip
+    PROMPTS_DIR,
+    CurationConfig,
+    Dedup,
+    ReplyError,
+    append_jsonl,
+    load_curation_config,
+    parse_reply,
+    read_jsonl,
+    run,
+)
+from test_serve import TOKEN, app, decoder  # noqa: F401  the Serve app's fixtures, reused as they are
 
-STYLES = ["Speak only as a {} captain who shouts.", "Pretend you are a sleepy {} apprentice.", "Become a cheerful {} inventor."]
+STYLES = [
+    "Speak only as a {} captain who shouts.",
+    "Pretend you are a sleepy {} apprentice.",
+    "Become a cheerful {} inventor.",
+]
 WORDS = "anchor biscuit comet dragon ember falcon glacier harbor igloo jasmine kettle lantern meadow nutmeg orchard pepper quartz raven saffron thistle umbrella velvet walnut yarrow zephyr".split()
 
 
@@ -51,9 +63,9 @@ class ScriptedLLM:
         self.statuses: list[int] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
-        app = FastAPI()
+        api = FastAPI()
 
-        @app.post("/v1/chat/completions")
+        @api.post("/v1/chat/completions")
         async def chat(request: Request):
             if request.headers.get("authorization") != "Bearer k":
                 return JSONResponse({"error": {"message": "bad key"}}, 401)
@@ -76,15 +88,22 @@ class ScriptedLLM:
                 if status != 200:
                     return JSONResponse({"error": {"message": action}}, status, headers={"Retry-After": "0"})
                 text = "Sure! Here you go: {controls: [" if action == "malformed" else json.dumps(reply(prompt, action))
-                return {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": body["model"],
-                        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}  # fmt: skip
+                return {
+                    "id": "chatcmpl-1",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                    ],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+                }
             finally:
                 with self.lock:
                     self.in_flight -= 1
 
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         while not self.server.started:
@@ -112,19 +131,36 @@ def reply(prompt: str, action: str) -> dict:
         n = int(re.search(r"Invent (\d+)", prompt).group(1))
         controls = [{"name": f"{category} {i}", "instruction": instruction(category, i)} for i in range(n)]
         if action == "dup":
-            controls += [{"name": f"{category} 0", "instruction": "anything else entirely"},
-                         {"name": f"{category} copy", "instruction": controls[0]["instruction"].upper() + "!"}]  # fmt: skip
+            controls += [
+                {"name": f"{category} 0", "instruction": "anything else entirely"},
+                {"name": f"{category} copy", "instruction": controls[0]["instruction"].upper() + "!"},
+            ]
         return {"controls": controls}
     told = re.search(r"\n  (.+)\n", prompt).group(1)
     if "conversation" in prompt:
         if action == "invalid":
-            return {"control_user": told, "control_model": 42, "stimulus_user": "Hi", "stimulus_model": "Yo", "system": "S"}
-        return {"control_user": told, "control_model": "Aye, I will.", "stimulus_user": "What should I cook?",
-                "stimulus_model": f"In character ({told[:30]}): soup!", "system": f"You always: {told}"}  # fmt: skip
+            return {
+                "control_user": told,
+                "control_model": 42,
+                "stimulus_user": "Hi",
+                "stimulus_model": "Yo",
+                "system": "S",
+            }
+        return {
+            "control_user": told,
+            "control_model": "Aye, I will.",
+            "stimulus_user": "What should I cook?",
+            "stimulus_model": f"In character ({told[:30]}): soup!",
+            "system": f"You always: {told}",
+        }
     if action == "invalid":
         return {"qa": [["What is the assistant like?", ""]]}
-    return {"qa": [["What type of persona will the assistant adopt?", f"The assistant follows: {told}"],
-                   ["Why does the assistant answer this way?", "Because it was told to, and keeps to it."]]}  # fmt: skip
+    return {
+        "qa": [
+            ["What type of persona will the assistant adopt?", f"The assistant follows: {told}"],
+            ["Why does the assistant answer this way?", "Because it was told to, and keeps to it."],
+        ]
+    }
 
 
 @pytest.fixture
@@ -144,12 +180,20 @@ def ray_data(ray_cluster):
 
 def config(server: ScriptedLLM, tmp_path: Path, **fields) -> CurationConfig:
     tree = {
-        "llm": {"base_url": server.url, "model": "scripted", "api_key": "k", "workers": 2, "max_in_flight": 4,
-                "max_retries": 2, "backoff_s": 0.01, "timeout_s": 1.0},
+        "llm": {
+            "base_url": server.url,
+            "model": "scripted",
+            "api_key": "k",
+            "workers": 2,
+            "max_in_flight": 4,
+            "max_retries": 2,
+            "backoff_s": 0.01,
+            "timeout_s": 1.0,
+        },
         "categories": {"persona": ["pirates", "chefs"], "goal": ["tea", "savings"]},
         "counts": {"controls_per_category": 3, "qa_pairs": 2},
         "output_dir": str(tmp_path / "out"),
-    }  # fmt: skip
+    }
     for key, value in fields.items():
         tree[key] = {**tree[key], **value} if isinstance(value, dict) and key in tree else value
     return CurationConfig.model_validate(tree)
@@ -188,7 +232,9 @@ def test_dedup_and_a_write_cut_short(tmp_path):
     seen = Dedup(0.9)
     seen.add("persona-a", "From now on, act like a grumpy pirate in everything you say.")
     assert "label" in seen.duplicate_of("persona-a", "something else")
-    assert "near-duplicate" in seen.duplicate_of("persona-b", "From now on act like a GRUMPY pirate in everything you say!!")
+    assert "near-duplicate" in seen.duplicate_of(
+        "persona-b", "From now on act like a GRUMPY pirate in everything you say!!"
+    )
     assert seen.duplicate_of("persona-c", "Recommend green tea, with a joke, whenever you can.") is None
     path = tmp_path / "rows.jsonl"
     append_jsonl(path, [{"id": 1}, {"id": 2}])
@@ -255,7 +301,9 @@ def test_budget_stops_a_stage_and_a_rerun_finishes_it(ray_data, llm, tmp_path):
     assert len(llm.prompts) == 2 and llm.max_in_flight == 1
     done = {r["source"] for r in read_jsonl(Path(cfg.output_dir) / "controls.jsonl")}
 
-    second = run(cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"max_requests": None})}), log=lambda _: None)
+    second = run(
+        cfg.model_copy(update={"budget": cfg.budget.model_copy(update={"max_requests": None})}), log=lambda _: None
+    )
     assert second["seed"]["written"] == 6 and second["seed"]["left_pending"] == 0
     asked_again = {re.search(r'category "([^"]+)"', p).group(1) for p in llm.prompts[2:]}
     assert not {s.split(":")[1] for s in done} & asked_again  # done categories were not asked again
@@ -267,13 +315,25 @@ def test_budget_stops_a_stage_and_a_rerun_finishes_it(ray_data, llm, tmp_path):
 def test_job_resumes_after_being_killed_without_duplicates(ray_data, tmp_path):
     llm = ScriptedLLM(delay=0.4)
     try:
-        cfg = config(llm, tmp_path, stages=["seed"], categories={"persona": [f"group{i}" for i in range(10)], "goal": []},
-                     llm={"workers": 1, "max_in_flight": 2})  # fmt: skip
+        cfg = config(
+            llm,
+            tmp_path,
+            stages=["seed"],
+            categories={"persona": [f"group{i}" for i in range(10)], "goal": []},
+            llm={"workers": 1, "max_in_flight": 2},
+        )
         path = tmp_path / "curate.yaml"
-        path.write_text(json.dumps(cfg.model_dump(mode="json") | {"llm": cfg.llm.model_dump(mode="json") | {"api_key": "k"}}))
+        path.write_text(
+            json.dumps(cfg.model_dump(mode="json") | {"llm": cfg.llm.model_dump(mode="json") | {"api_key": "k"}})
+        )
         env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_ADDRESS=ray_data.address)
-        job = subprocess.Popen([sys.executable, "jobs/curate.py", "--config", str(path)], cwd=PROJECT_ROOT, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        job = subprocess.Popen(
+            [sys.executable, "jobs/curate.py", "--config", str(path)],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         output = Path(cfg.output_dir) / "controls.jsonl"
         deadline = time.monotonic() + 120
         while not (output.exists() and output.read_text().count("\n") >= 3) and time.monotonic() < deadline:
@@ -298,19 +358,33 @@ def test_job_resumes_after_being_killed_without_duplicates(ray_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stage_against_the_projects_serve_endpoint_is_rejected_cleanly(app, tmp_path, ray_data):
+def test_a_stage_against_the_projects_serve_endpoint_is_rejected_cleanly(app, tmp_path, ray_data):  # noqa: F811  the fixture
     """The tiny target over real HTTP: replies arrive, are not JSON, and end up in rejects. The seed
     prompt is shortened (a copy of the v1 templates) to fit the test app's 64-token turns."""
     prompts = shutil.copytree(PROMPTS_DIR, tmp_path / "prompts")
     (prompts / "seed.txt").write_text('Invent $n ${kind}s in the category "$category", as JSON.')
-    cfg = CurationConfig.model_validate({
-        "llm": {"base_url": f"{app}/v1", "model": "target", "api_key": TOKEN, "workers": 1, "max_in_flight": 1,
-                "max_retries": 1, "max_tokens": 8, "backoff_s": 0.01},
-        "stages": ["seed"], "categories": {"persona": ["pirates"], "goal": []}, "prompts": str(prompts),
-        "output_dir": str(tmp_path / "out"),
-    })  # fmt: skip
+    cfg = CurationConfig.model_validate(
+        {
+            "llm": {
+                "base_url": f"{app}/v1",
+                "model": "target",
+                "api_key": TOKEN,
+                "workers": 1,
+                "max_in_flight": 1,
+                "max_retries": 1,
+                "max_tokens": 8,
+                "backoff_s": 0.01,
+            },
+            "stages": ["seed"],
+            "categories": {"persona": ["pirates"], "goal": []},
+            "prompts": str(prompts),
+            "output_dir": str(tmp_path / "out"),
+        }
+    )
     summary = run(cfg, log=lambda _: None)["seed"]
     assert summary == {**summary, "written": 0, "rejected": 1, "left_pending": 0, "requests": 2}
     (reject,) = read_jsonl(tmp_path / "out" / "rejects.jsonl")
-    assert reject["source"] == "persona:pirates" and reject["reason"].startswith(("reply is not JSON", "expected a JSON object"))
+    assert reject["source"] == "persona:pirates" and reject["reason"].startswith(
+        ("reply is not JSON", "expected a JSON object")
+    )
     assert not (tmp_path / "out" / "controls.jsonl").exists()

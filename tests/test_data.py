@@ -4,14 +4,17 @@ import json
 
 import pytest
 
-from latentqa.data import DataError, DatasetSpec, load_examples, load_records, read_dialog, Record
+from latentqa.data import DataError, DatasetSpec, Record, load_examples, load_records, read_dialog
 from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_TRAIN, PAPER_DATA
 
 
 def test_paper_eval_files_load_unchanged():
     """The paper's evaluation set (datasets/latentqa, split by label) loads as the paper wrote it."""
     splits = [PAPER_DATA / "train", PAPER_DATA / "heldout"]
-    records = {name: sum(len(load_records(split / name)) for split in splits) for name in ("system.json", "stimulus.json", "control.json")}
+    records = {
+        name: sum(len(load_records(split / name)) for split in splits)
+        for name in ("system.json", "stimulus.json", "control.json")
+    }
     assert records == {"system.json": 567, "stimulus.json": 567, "control.json": 500}
     examples = load_examples(DatasetSpec(path=splits[1]))
     kept = load_examples(DatasetSpec(path=splits[1], filter=("sqa",)))
@@ -57,7 +60,9 @@ def test_bad_records_name_file_record_and_field(tmp_path, rows, where):
 
 
 def test_label_without_qa_is_an_error(tmp_path):
-    (tmp_path / "control.json").write_text(json.dumps([{"control_user": "hi", "label": "known"}, {"control_user": "yo", "label": "lost"}]))
+    (tmp_path / "control.json").write_text(
+        json.dumps([{"control_user": "hi", "label": "known"}, {"control_user": "yo", "label": "lost"}])
+    )
     (tmp_path / "qa.json").write_text(json.dumps({"known": [["q", "a"]]}))
     with pytest.raises(DataError, match=r"control.json: record 1: field 'label': 'lost' has no entry in qa.json"):
         load_examples(DatasetSpec(path=tmp_path))
@@ -70,7 +75,9 @@ def test_malformed_json_names_the_file_and_line(tmp_path):
 
 
 def test_read_dialog_cases_and_thought_tokens():
-    record = Record(control_user="c", control_model="m", stimulus_user="s", stimulus_model="out", stimulus_thought="why", label="x")
+    record = Record(
+        control_user="c", control_model="m", stimulus_user="s", stimulus_model="out", stimulus_thought="why", label="x"
+    )
     dialog = read_dialog(record, thought_tokens=True)
     assert dialog.verb == "user" and not dialog.add_generation_prompt
     assert dialog.messages[-1]["content"] == "<think>\nwhy\n</think>\n\nout"

@@ -27,7 +27,9 @@ def test_read_runs_one_target_pass_per_dialog_batch(offline_session, monkeypatch
     lqa = offline_session
     calls = []
     original = lqa.model.target_activations
-    monkeypatch.setattr(lqa.model, "target_activations", lambda batch, *a, **k: calls.append(len(batch)) or original(batch, *a, **k))
+    monkeypatch.setattr(
+        lqa.model, "target_activations", lambda batch, *a, **k: calls.append(len(batch)) or original(batch, *a, **k)
+    )
     questions = ["What persona?", "What goal?", "What topic?"]
     answers = read(lqa, DIALOGS, questions, max_new_tokens=5)
     assert calls == [len(DIALOGS)]  # one pass for both dialogs, none per question
@@ -55,8 +57,14 @@ def test_evaluate_reports_three_conditions(offline_session):
     result = evaluate(offline_session, examples, batch_size=8)
     assert result.examples == 24
     assert result.activation_gain == pytest.approx(result.loss_shuffled - result.loss_true)
-    assert set(result.as_metrics()) == {"eval/loss_true", "eval/loss_shuffled", "eval/loss_none", "eval/activation_gain",
-                                        "eval/activation_gain_ci_low", "eval/activation_gain_ci_high"}
+    assert set(result.as_metrics()) == {
+        "eval/loss_true",
+        "eval/loss_shuffled",
+        "eval/loss_none",
+        "eval/activation_gain",
+        "eval/activation_gain_ci_low",
+        "eval/activation_gain_ci_high",
+    }
 
 
 def test_per_layer_control_gradients_stay_in_their_block(offline_session):
@@ -111,6 +119,8 @@ def test_a_decoder_refuses_a_target_of_another_shape_in_one_line(offline_session
     LatentQA.load(offline_config(model={"decoder_adapter": str(folder)}))  # its own target loads
     mistral = session_for(tiny_model_dirs["mistral"]).config  # 3 blocks, hidden 64
     with pytest.raises(WrongTarget) as refused:
-        LatentQA.load(mistral.model_copy(update={"model": mistral.model.model_copy(update={"decoder_adapter": str(folder)})}))
+        LatentQA.load(
+            mistral.model_copy(update={"model": mistral.model.model_copy(update={"decoder_adapter": str(folder)})})
+        )
     message = str(refused.value)
     assert "\n" not in message and "tiny-llama (llama, 4 blocks" in message and "(mistral, 3 blocks" in message

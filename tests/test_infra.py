@@ -25,8 +25,14 @@ MANIFESTS = sorted((INFRA / "kuberay").glob("*.yaml"))
 PAPER_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
 # Fields a DeepSpeed JSON must not set although the strategy does not write them: they contradict
 # its batch triple or bf16, replace the loop's own optimizer and schedule, or belong to cpu_offload.
-NOT_IN_JSON = [("train_batch_size",), ("fp16",), ("optimizer",), ("scheduler",),
-               ("zero_optimization", "offload_optimizer"), ("zero_optimization", "offload_param")]  # fmt: skip
+NOT_IN_JSON = [
+    ("train_batch_size",),
+    ("fp16",),
+    ("optimizer",),
+    ("scheduler",),
+    ("zero_optimization", "offload_optimizer"),
+    ("zero_optimization", "offload_param"),
+]
 
 
 def name(path):
@@ -90,9 +96,13 @@ def test_deepspeed_config_file_resolves_and_deepspeed_accepts_the_merge(path, mo
 @pytest.mark.parametrize("path", DEEPSPEED_JSONS, ids=name)
 def test_deepspeed_json_sets_nothing_the_strategy_computes(path):
     # Every field the strategy writes (all options on): the merge would silently override them.
-    computed = DeepSpeedStrategy(StrategyConfig(kind="deepspeed", cpu_offload=True, mixed_precision="bf16")).deepspeed_config()
+    computed = DeepSpeedStrategy(
+        StrategyConfig(kind="deepspeed", cpu_offload=True, mixed_precision="bf16")
+    ).deepspeed_config()
     owned = [*leaves(computed), *NOT_IN_JSON]
-    clashes = [".".join(leaf) for leaf in leaves(json.loads(path.read_text())) if any(leaf[: len(o)] == o for o in owned)]
+    clashes = [
+        ".".join(leaf) for leaf in leaves(json.loads(path.read_text())) if any(leaf[: len(o)] == o for o in owned)
+    ]
     assert not clashes, f"{path.name} sets fields the strategy or the loop owns"
 
 
@@ -143,9 +153,13 @@ def test_kuberay_manifest_runs_a_config_with_one_worker_per_gpu(path):
 def test_dockerfile_installs_the_pinned_torch_and_deepspeed():
     dockerfile = (INFRA / "docker" / "Dockerfile").read_text()
     assert set(re.findall(r"torch==([\w.]+)", dockerfile)) == {pin("torch")}
-    assert "--index-url \"https://download.pytorch.org/whl/${TORCH_CUDA}\"" in dockerfile  # the CUDA build
+    assert '--index-url "https://download.pytorch.org/whl/${TORCH_CUDA}"' in dockerfile  # the CUDA build
     setup_sh = (INFRA / "setup.sh").read_text()
-    assert set(re.findall(r"deepspeed==([\w.]+)", dockerfile)) == set(re.findall(r"deepspeed==([\w.]+)", setup_sh)) != set()
+    assert (
+        set(re.findall(r"deepspeed==([\w.]+)", dockerfile))
+        == set(re.findall(r"deepspeed==([\w.]+)", setup_sh))
+        != set()
+    )
     assert ".venv" in (PROJECT_ROOT / ".dockerignore").read_text().split()  # no local venv in the context
 
 

@@ -17,8 +17,19 @@ def test_inspect_batch_reproduces_the_golden_layouts(llama3_tokenizer_dir):
     golden_path = FIXTURES / "llama3_layout.jsonl"
     golden = [json.loads(line) for line in golden_path.read_text().splitlines() if line.strip()]
     result = subprocess.run(
-        [sys.executable, "-m", "latentqa.cli", "inspect-batch", "--tokenizer", str(llama3_tokenizer_dir), "--input", str(golden_path)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "latentqa.cli",
+            "inspect-batch",
+            "--tokenizer",
+            str(llama3_tokenizer_dir),
+            "--input",
+            str(golden_path),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     produced = [json.loads(line) for line in result.stdout.splitlines()]
     assert len(produced) == len(golden)
@@ -33,7 +44,11 @@ def test_collate_left_pads_and_pairs_spans(llama3_tokenizer):
     layout = Layout(fmt)
     examples = [
         Example(Record(control_user="Be brief.", label="a"), "What?", "Brief."),
-        Example(Record(system="Talk like a pirate, always.", stimulus_user="Tell me about ships please", label="b"), "Who?", "A pirate."),
+        Example(
+            Record(system="Talk like a pirate, always.", stimulus_user="Tell me about ships please", label="b"),
+            "Who?",
+            "A pirate.",
+        ),
     ]
     laid = [layout.example(e, "train") for e in examples]
     batch = collate(laid, fmt.pad_id)
@@ -51,6 +66,11 @@ def test_collate_left_pads_and_pairs_spans(llama3_tokenizer):
 
 def test_too_long_prompt_is_a_clear_error(llama3_tokenizer):
     layout = Layout(ChatFormat(llama3_tokenizer), max_length=64)
-    example = Example(Record(control_user="word " * 200, label="long-one"), "What?", "That.", source="data/control.json")
-    with pytest.raises(LayoutError, match=r"data/control.json: example 7 \(label 'long-one'\): \d+ tokens exceed the model's limit of 64"):
+    example = Example(
+        Record(control_user="word " * 200, label="long-one"), "What?", "That.", source="data/control.json"
+    )
+    with pytest.raises(
+        LayoutError,
+        match=r"data/control.json: example 7 \(label 'long-one'\): \d+ tokens exceed the model's limit of 64",
+    ):
         layout.example(example, "train", index=7)

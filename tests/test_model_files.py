@@ -12,10 +12,10 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import CHATML_TEMPLATE
 from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import CHATML_TEMPLATE
 from latentqa import model_files
 from latentqa.model_files import ModelFileError, hf_folder
 
@@ -43,7 +43,9 @@ BLOCK_TENSORS = {
 def train_tokenizer() -> ByteLevelBPETokenizer:
     """A byte-level BPE, the kind llama.cpp calls `gpt2`, with ChatML's special tokens first."""
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(SENTENCES, vocab_size=320, min_frequency=2, show_progress=False, special_tokens=SPECIALS)
+    tokenizer.train_from_iterator(
+        SENTENCES, vocab_size=320, min_frequency=2, show_progress=False, special_tokens=SPECIALS
+    )
     return tokenizer
 
 
@@ -74,10 +76,16 @@ def tiny_llama(vocab_size: int, tied: bool) -> LlamaForCausalLM:
 def llama_cpp_permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp reorders the rows of q and k from HF's half-split rotary layout into interleaved
     pairs (its convert_hf_to_gguf.py `permute`); transformers' GGUF loader undoes it."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
 
 
-def write_gguf(path: Path, model: LlamaForCausalLM, tokenizer: ByteLevelBPETokenizer, architecture: str = "llama") -> Path:
+def write_gguf(
+    path: Path, model: LlamaForCausalLM, tokenizer: ByteLevelBPETokenizer, architecture: str = "llama"
+) -> Path:
     """`model` and `tokenizer` as an F32 GGUF file, with the metadata transformers reads for a Llama."""
     config = model.config
     writer = gguf.GGUFWriter(path, architecture)  # writes general.architecture

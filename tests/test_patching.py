@@ -7,16 +7,21 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from conftest import session_for
-from latentqa.paths import OFFLINE_MODEL
 from latentqa.data import Example, Record
 from latentqa.models import DECODER, decoder_blocks, load_base
 from latentqa.patching import positions
+from latentqa.paths import OFFLINE_MODEL
 
 ARCHS = ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 EXAMPLES = [
     Example(Record(control_user="Please speak like a pirate captain.", label="a"), "Who is it?", "A pirate."),
     Example(
-        Record(control_user="Adopt a chef persona.", control_model="Sure.", stimulus_user="What is for dinner tonight?", label="b"),
+        Record(
+            control_user="Adopt a chef persona.",
+            control_model="Sure.",
+            stimulus_user="What is for dinner tonight?",
+            label="b",
+        ),
         "What persona?",
         "A chef who cooks.",
     ),
@@ -83,15 +88,19 @@ def test_early_exit_matches_full_forward(sessions, arch):
     lqa = sessions[arch]
     batch = _batch(lqa)
     ran = []
-    handles = [block.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, block in enumerate(lqa.model.blocks)]
+    handles = [
+        block.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, block in enumerate(lqa.model.blocks)
+    ]
     early = lqa.model.target_activations(batch, [1])[1]
     for handle in handles:
         handle.remove()
     assert ran == [0, 1]  # blocks after the read layer never ran
     with torch.no_grad(), lqa.model.adapters.use(None):
         full = lqa.model.peft_model(
-            input_ids=batch.read_ids, attention_mask=batch.read_attention,
-            position_ids=positions(batch.read_attention), output_hidden_states=True,
+            input_ids=batch.read_ids,
+            attention_mask=batch.read_attention,
+            position_ids=positions(batch.read_attention),
+            output_hidden_states=True,
         ).hidden_states[2]  # hidden_states[0] is the embedding output
     torch.testing.assert_close(early, full[batch.read_patch_mask])
 
@@ -106,7 +115,9 @@ def test_write_hook_places_target_states_at_placeholders(sessions, arch, mode):
     seen = {}
     block = lqa.model.blocks[lqa.model.write_layer]
     with lqa.model.patched(batch.write_patch_mask, acts):
-        handle = block.register_forward_hook(lambda m, a, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o))
+        handle = block.register_forward_hook(
+            lambda m, a, o: seen.setdefault("out", o[0] if isinstance(o, tuple) else o)
+        )
         with torch.no_grad():
             lqa.model.decoder_token_losses(batch, None, shift=False)
         handle.remove()
@@ -134,7 +145,9 @@ def test_kv_cached_generation_equals_uncached(sessions, arch):
     uncached = lqa.model.generate_answers(*args, use_cache=False)
     assert cached == uncached and all(len(row) == 12 for row in cached)
     assert len({token for row in cached for token in row}) > 2  # a real sequence, not one token repeated
-    unpatched = lqa.model.generate(batch.write_ids, batch.write_attention, positions(batch.write_attention), 12, {-1}, 0)
+    unpatched = lqa.model.generate(
+        batch.write_ids, batch.write_attention, positions(batch.write_attention), 12, {-1}, 0
+    )
     assert unpatched != cached  # the patch matters
 
 
@@ -146,8 +159,14 @@ def test_published_decoder_layout_adapter_loads_unchanged(tiny_model_dirs, tmp_p
     base = load_base(cfg)
     paper = get_peft_model(
         base,
-        LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", task_type="CAUSAL_LM",
-                   target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]),
+        LoraConfig(
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.05,
+            bias="none",
+            task_type="CAUSAL_LM",
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+        ),
     )
     with torch.no_grad():
         for name, param in paper.named_parameters():
@@ -163,8 +182,15 @@ def test_published_decoder_layout_adapter_loads_unchanged(tiny_model_dirs, tmp_p
     with torch.no_grad():
         expected = paper(input_ids=ids).logits
 
-    lqa = session_for(tiny_model_dirs["llama"], model={"path": str(tiny_model_dirs["llama"]), "tokenizer": str(OFFLINE_MODEL),
-                                                        "weights": "random", "decoder_adapter": str(tmp_path / "published")})
+    lqa = session_for(
+        tiny_model_dirs["llama"],
+        model={
+            "path": str(tiny_model_dirs["llama"]),
+            "tokenizer": str(OFFLINE_MODEL),
+            "weights": "random",
+            "decoder_adapter": str(tmp_path / "published"),
+        },
+    )
     with torch.no_grad(), lqa.model.adapters.use(DECODER):
         got = lqa.model.peft_model(input_ids=ids).logits
     torch.testing.assert_close(got, expected)

@@ -18,9 +18,22 @@ pytestmark = pytest.mark.slow
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     subprocess.run(
-        [sys.executable, "-m", "latentqa.cli", "train", "--run-name", "quality", "--train.output_dir", str(out),
-         "--train.eval_every", "0"],
-        check=True, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "latentqa.cli",
+            "train",
+            "--run-name",
+            "quality",
+            "--train.output_dir",
+            str(out),
+            "--train.eval_every",
+            "0",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     return out / "quality"
 
@@ -36,7 +49,10 @@ def test_training_lowers_held_out_loss_and_reads_activations(trained_run):
 def test_cli_reads_a_held_out_dialog_with_the_new_decoder(trained_run):
     result = subprocess.run(
         [sys.executable, "-m", "latentqa.cli", "read", "--decoder", str(trained_run / "decoder"), "--count", "1"],
-        check=True, capture_output=True, text=True, timeout=300,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     row = json.loads(result.stdout.splitlines()[-1])
     assert row["answers"] and all(isinstance(a, str) and a for a in row["answers"].values())

@@ -52,7 +52,12 @@ def test_the_shipped_decoder_is_small_and_names_its_target():
     assert config.model.decoder_adapter == str(folder)
     assert (folder / "adapter_model.safetensors").stat().st_size < 8 * 2**20
     target = json.loads((folder / TARGET_FILE).read_text())
-    assert (target["model_type"], target["num_hidden_layers"], target["hidden_size"], target["vocab_size"]) == ("llama", 30, 576, 49152)
+    assert (target["model_type"], target["num_hidden_layers"], target["hidden_size"], target["vocab_size"]) == (
+        "llama",
+        30,
+        576,
+        49152,
+    )
 
 
 @pytest.mark.slow

@@ -11,24 +11,35 @@ from latentqa.data import Example, Record, read_dialog
 from latentqa.layout import ACKNOWLEDGEMENT, IGNORE_INDEX, Layout
 
 SYSTEM, CONTROL, REPLY, STIMULUS, THOUGHT, ANSWER = (
-    "Always answer like a pirate.", "Be terse from now on.", "Aye, terse it is.", "What is the capital of France?",
-    "The user wants a city. Paris.", "Paris, matey.",
-)  # fmt: skip
+    "Always answer like a pirate.",
+    "Be terse from now on.",
+    "Aye, terse it is.",
+    "What is the capital of France?",
+    "The user wants a city. Paris.",
+    "Paris, matey.",
+)
 RECORDS = {
     "system": Record(system=SYSTEM, stimulus_user=STIMULUS, label="a"),
     "none": Record(control_user=CONTROL, label="a"),
     "user": Record(control_user=CONTROL, control_model=REPLY, stimulus_user=STIMULUS, label="a"),
     "completion": Record(
-        control_user=CONTROL, control_model=REPLY, stimulus_user=STIMULUS, stimulus_thought=THOUGHT,
-        stimulus_model=ANSWER, label="a",
+        control_user=CONTROL,
+        control_model=REPLY,
+        stimulus_user=STIMULUS,
+        stimulus_thought=THOUGHT,
+        stimulus_model=ANSWER,
+        label="a",
     ),
-}  # fmt: skip
+}
 # Contents as people write them: edges of whitespace (which some templates trim and others keep),
 # lines, and the words the templates use for their roles.
 RAGGED = Record(
-    control_user=f"  {CONTROL}\nNo more than one line. ", control_model=f"{REPLY}\n\nuser", stimulus_user=f"\n{STIMULUS}\n",
-    stimulus_model=f"{ANSWER} \n", label="a",
-)  # fmt: skip
+    control_user=f"  {CONTROL}\nNo more than one line. ",
+    control_model=f"{REPLY}\n\nuser",
+    stimulus_user=f"\n{STIMULUS}\n",
+    stimulus_model=f"{ANSWER} \n",
+    label="a",
+)
 
 
 def _template_ids(fmt: ChatFormat, messages, add_generation_prompt: bool, thinking: bool = False) -> list[int]:
@@ -125,7 +136,9 @@ def test_a_prompt_that_opens_the_thought_is_continued_not_reopened():
     assert fmt.render_text([{"role": "user", "content": "Hi"}], add_generation_prompt=True).endswith("<think>\n")
     read = Layout(fmt, thought_tokens=True).read_side(read_dialog(RECORDS["completion"], thought_tokens=True))
     text = tokenizer.decode(read.ids)
-    assert text.count("<think>") == 1 and text.endswith(f"<｜Assistant｜><think>\n{THOUGHT}\n</think>\n\n{ANSWER}<｜end▁of▁sentence｜>")
+    assert text.count("<think>") == 1 and text.endswith(
+        f"<｜Assistant｜><think>\n{THOUGHT}\n</think>\n\n{ANSWER}<｜end▁of▁sentence｜>"
+    )
 
 
 def test_a_reply_the_template_would_rewrite_is_refused_in_one_line():
@@ -170,9 +183,14 @@ def test_a_system_prompt_a_template_moves_out_of_order_fails_in_one_line():
     would read after the turns it governs, which no LatentQA verb span can describe."""
     fmt = ChatFormat(real_tokenizer("mistral-nemo"))
     dialog = [
-        {"role": "system", "content": SYSTEM}, {"role": "user", "content": CONTROL},
-        {"role": "assistant", "content": REPLY}, {"role": "user", "content": STIMULUS},
-    ]  # fmt: skip
-    with pytest.raises(UnsupportedChatTemplate, match=r"^the chat template renders message 1 \(role 'user'\) before message 0 \(role 'system'\)") as err:
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": CONTROL},
+        {"role": "assistant", "content": REPLY},
+        {"role": "user", "content": STIMULUS},
+    ]
+    with pytest.raises(
+        UnsupportedChatTemplate,
+        match=r"^the chat template renders message 1 \(role 'user'\) before message 0 \(role 'system'\)",
+    ) as err:
         fmt.render(dialog, add_generation_prompt=True)
     assert "\n" not in str(err.value)

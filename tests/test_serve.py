@@ -15,9 +15,9 @@ import time
 
 import httpx
 import pytest
-from conftest import free_port
 from trained_decoder import DECODER_MODEL, trained_decoder
 
+from conftest import free_port
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
 
 TOKEN = "test-token-7f3a"
@@ -57,7 +57,9 @@ def app(ray_cluster, decoder):
         settings,
         model=ModelReplica.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}),
         steering=Steering.options(ray_actor_options={"num_cpus": 0.5}),
-        gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}),
+        gateway=Gateway.options(
+            ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}
+        ),
     )
     serve.run(app, name=APP, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
@@ -92,7 +94,14 @@ def client(app):
 def test_health_and_openapi(client):
     assert client.get("/healthz").json() == {"status": "ok"}
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/v1/read", "/v1/score", "/v1/chat/completions", "/v1/controls", "/v1/controls/{job_id}", "/v1/decoders"):
+    for path in (
+        "/v1/read",
+        "/v1/score",
+        "/v1/chat/completions",
+        "/v1/controls",
+        "/v1/controls/{job_id}",
+        "/v1/decoders",
+    ):
         assert path in paths
 
 
@@ -124,7 +133,9 @@ def test_read_multi_turn_dialogs_and_choices_per_request(client, decoder):
 
 def test_score_ranks_candidates_best_first(client):
     candidates = ["The assistant is a pirate.", "The assistant is a baker.", "Nothing."]
-    out = client.post("/v1/score", json={"dialog": DIALOG, "question": "Who is the assistant?", "candidates": candidates})
+    out = client.post(
+        "/v1/score", json={"dialog": DIALOG, "question": "Who is the assistant?", "candidates": candidates}
+    )
     assert out.status_code == 200, out.text
     ranked = out.json()["ranked"]
     assert sorted(r["answer"] for r in ranked) == sorted(candidates)
@@ -142,8 +153,12 @@ def test_score_ranks_candidates_best_first(client):
         ("/v1/read", {"dialogs": [[{"role": "user"}]], "questions": ["Q?"]}, 422, "body.dialogs.0.0.content"),
         ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "max_new_tokens": 100000}, 422, "body.max_new_tokens"),
         ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "read_layer": 99}, 422, "body.read_layer"),
-        ("/v1/read", {"dialogs": [[{"role": "user", "content": "word " * 200}]], "questions": ["Q?"]}, 422,
-         "body.dialogs.0.0.content"),
+        (
+            "/v1/read",
+            {"dialogs": [[{"role": "user", "content": "word " * 200}]], "questions": ["Q?"]},
+            422,
+            "body.dialogs.0.0.content",
+        ),
         ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "decoder": "nope"}, 404, "body.decoder"),
         ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "decoder": "../../etc/passwd"}, 404, "body.decoder"),
         ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?"], "decoder": f"{DECODER_MODEL}/99"}, 404, "body.decoder"),
@@ -194,7 +209,9 @@ def test_openai_client_plain_and_streamed(app):
     text = plain.choices[0].message.content
     assert isinstance(text, str) and plain.usage.completion_tokens > 0
     assert plain.choices[0].finish_reason in ("stop", "length")
-    chunks = list(oai.chat.completions.create(model="target", messages=prompt, max_tokens=12, temperature=0, stream=True))
+    chunks = list(
+        oai.chat.completions.create(model="target", messages=prompt, max_tokens=12, temperature=0, stream=True)
+    )
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert streamed.strip() == text.strip()  # greedy: the stream says what the plain call said
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
@@ -203,7 +220,9 @@ def test_openai_client_plain_and_streamed(app):
     from openai import AuthenticationError, OpenAI
 
     with pytest.raises(AuthenticationError):
-        OpenAI(base_url=f"{app}/v1", api_key="wrong", max_retries=0).chat.completions.create(model="target", messages=prompt)
+        OpenAI(base_url=f"{app}/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="target", messages=prompt
+        )
 
 
 @pytest.fixture(scope="module")
@@ -243,21 +262,34 @@ def test_steered_model_over_the_openai_client(app, pirate_job):
     prompts = json.loads((PROJECT_ROOT / "datasets" / "prompts" / "steer.json").read_text())["heldout"][:3]
 
     def replies(model: str) -> list[str]:
-        return [oai.chat.completions.create(model=model, messages=[{"role": "user", "content": p}], max_tokens=8,
-                                            temperature=0).choices[0].message.content for p in prompts]  # fmt: skip
+        return [
+            oai.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": p}], max_tokens=8, temperature=0
+            )
+            .choices[0]
+            .message.content
+            for p in prompts
+        ]
 
     target, steered = replies("target"), replies(job["adapter"])
     assert steered != target  # the control changes the target's replies
     assert replies("target") == target  # and leaves the plain target alone
     listed = [m.id for m in oai.models.list().data]
     assert "target" in listed and job["adapter"] in listed
-    streamed = oai.chat.completions.create(model=job["adapter"], messages=[{"role": "user", "content": prompts[0]}],
-                                           max_tokens=8, temperature=0, stream=True)  # fmt: skip
+    streamed = oai.chat.completions.create(
+        model=job["adapter"],
+        messages=[{"role": "user", "content": prompts[0]}],
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+    )
     assert "".join(c.choices[0].delta.content or "" for c in streamed).strip() == steered[0].strip()
 
 
 def test_control_from_an_instruction(client):
-    started = client.post("/v1/controls", json={"name": "pirate-read", "instruction": "Talk like a pirate.", "steps": 2})
+    started = client.post(
+        "/v1/controls", json={"name": "pirate-read", "instruction": "Talk like a pirate.", "steps": 2}
+    )
     assert started.status_code == 202, started.text
     job = started.json()
     deadline = time.monotonic() + 300
@@ -308,8 +340,10 @@ def test_load_200_reads_16_concurrent(app):
     started = time.perf_counter()
     latencies, failures = asyncio.run(_load(app, 200, 16))
     wall = time.perf_counter() - started
-    print(f"\nload: 200 reads, 16 concurrent, {wall:.1f}s: p50 {_percentile(latencies, 50) * 1000:.0f} ms, "
-          f"p95 {_percentile(latencies, 95) * 1000:.0f} ms, errors {len(failures)}")  # fmt: skip
+    print(
+        f"\nload: 200 reads, 16 concurrent, {wall:.1f}s: p50 {_percentile(latencies, 50) * 1000:.0f} ms, "
+        f"p95 {_percentile(latencies, 95) * 1000:.0f} ms, errors {len(failures)}"
+    )
     assert failures == [] and len(latencies) == 200
 
 
@@ -358,8 +392,9 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
     [application] = config["applications"]
     application.update(name="deployed", route_prefix="/deployed")
     # a batch wait far longer than any read here: a lone read on an idle replica must not pay it
-    application["args"].update(decoders={"tiny": decoder.registry_uri}, mlflow=decoder.mlflow_settings(),
-                               batch_wait_timeout_s=10.0)  # fmt: skip
+    application["args"].update(
+        decoders={"tiny": decoder.registry_uri}, mlflow=decoder.mlflow_settings(), batch_wait_timeout_s=10.0
+    )
     for deployment in application["deployments"]:
         deployment["ray_actor_options"]["num_cpus"] = 0.25
         deployment.pop("autoscaling_config", None)
@@ -367,19 +402,28 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address", ray_cluster.dashboard],
-                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "serve"), "deploy", str(path), "--address", ray_cluster.dashboard],
+        cwd=PROJECT_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     try:
         deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and serve.status().applications.get("deployed", None) is None or \
-                serve.status().applications["deployed"].status.value not in ("RUNNING", "DEPLOY_FAILED"):  # fmt: skip
+        while (
+            time.monotonic() < deadline and serve.status().applications.get("deployed", None) is None
+        ) or serve.status().applications["deployed"].status.value not in ("RUNNING", "DEPLOY_FAILED"):
             time.sleep(2)
         status = serve.status().applications["deployed"]
         assert status.status.value == "RUNNING", status
         body = {"dialogs": [DIALOG], "questions": ["Who?"], "max_new_tokens": 4}
         out = httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60)
-        assert out.status_code == 200 and out.json()["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}", out.text
+        assert out.status_code == 200 and out.json()["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}", (
+            out.text
+        )
         started = time.perf_counter()
         httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60).raise_for_status()
         assert time.perf_counter() - started < 5.0, "a lone read waited for a batch"
@@ -393,8 +437,17 @@ def test_build_app_refuses_a_decoder_of_another_target_in_one_line(tmp_path):
 
     smollm2_decoder = tmp_path / "smollm2-decoder"
     smollm2_decoder.mkdir()
-    (smollm2_decoder / TARGET_FILE).write_text(json.dumps(
-        {"name": "SmolLM2-135M-Instruct", "model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "vocab_size": 49152}))  # fmt: skip
+    (smollm2_decoder / TARGET_FILE).write_text(
+        json.dumps(
+            {
+                "name": "SmolLM2-135M-Instruct",
+                "model_type": "llama",
+                "num_hidden_layers": 30,
+                "hidden_size": 576,
+                "vocab_size": 49152,
+            }
+        )
+    )
     with pytest.raises(SystemExit) as refused:  # the offline default's tiny target
         build_app({"decoders": {"smol": str(smollm2_decoder)}})
     message = str(refused.value)

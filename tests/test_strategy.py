@@ -246,11 +246,7 @@ def _run(cfg: StrategyConfig, out: Path) -> dict:
 def _worker(rank: int, kind: str, port: int, out: Path) -> None:
     torch.set_num_threads(1)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
     )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
@@ -298,9 +294,7 @@ def reference() -> dict:
         hidden = base(input_ids=probe, output_hidden_states=True).hidden_states[1]
     import peft
 
-    keys = peft.get_peft_model_state_dict(
-        _peft_model(), adapter_name=ADAPTER, save_embedding_layers=False
-    )
+    keys = peft.get_peft_model_state_dict(_peft_model(), adapter_name=ADAPTER, save_embedding_layers=False)
     return {"probe": hidden, "adapter_keys": sorted(keys)}
 
 
@@ -338,7 +332,7 @@ def test_local(tmp_path_factory, reference, caplog):
         fallback = Strategy.create(StrategyConfig(kind="ddp"))
     assert fallback.kind == "local" and fallback.world_size == 1
     assert "training locally" in caplog.text
-    with pytest.raises(RuntimeError, match="torch.distributed"):
+    with pytest.raises(RuntimeError, match=r"torch\.distributed"):
         Strategy.create(StrategyConfig(kind="fsdp"))
     result = _result("local", tmp_path_factory)
     _check(result, reference)
@@ -377,7 +371,9 @@ def _zero3_loading_worker(rank: int, port: int, checkpoint: Path, out: Path) -> 
     from latentqa.training import adamw_factory
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         config = load_config(overrides={"model": {"path": str(checkpoint), "weights": "pretrained"}})

@@ -16,29 +16,44 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Cluster, import_job, job_env, tail
 
+from conftest import Cluster, import_job, job_env, tail
 from latentqa.config import ConfigError, load_config
 from latentqa.data import DatasetSpec, load_examples
 from latentqa.paths import OFFLINE_TRAIN, PROJECT_ROOT
 from latentqa_platform import raydata, tracking
 
 JOB = PROJECT_ROOT / "jobs" / "train.py"
-SMOLLM2_PREPARED = Path(load_config(PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml").model.path).exists()
+SMOLLM2_PREPARED = Path(
+    load_config(PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml").model.path
+).exists()
 STEPS, CHECKPOINT_AT = 6, 3
 # Tiny runs: batch 4 per worker, a short warmup so that the loss visibly falls in 6 steps.
 # The shipped decoder's reading at the end is shown by the resumed DDP run only (ddp_run).
 TINY = [
-    "--train.max_steps", str(STEPS), "--train.batch_size", "4", "--train.warmup_steps", "2",
-    "--train.eval_batches", "2", "--train.eval_every", str(CHECKPOINT_AT), "--no-showcase",
-]  # fmt: skip
+    "--train.max_steps",
+    str(STEPS),
+    "--train.batch_size",
+    "4",
+    "--train.warmup_steps",
+    "2",
+    "--train.eval_batches",
+    "2",
+    "--train.eval_every",
+    str(CHECKPOINT_AT),
+    "--no-showcase",
+]
 
 
 def run_job(cluster: Cluster, out: Path, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(JOB), "--train.output_dir", str(out), *args],
-        cwd=PROJECT_ROOT, env=job_env(cluster), capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+        cwd=PROJECT_ROOT,
+        env=job_env(cluster),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -99,8 +114,13 @@ def test_ray_data_reads_validates_and_lays_out_like_the_engine(ray_cluster, tmp_
     data = raydata.read_set(spec, "train")
     engine_count = len(load_examples(DatasetSpec(path=OFFLINE_TRAIN, filter=("goal",))))
     assert data.examples.count() == round(engine_count * 0.5)
-    assert sorted(Path(p).name for p in data.files) == ["control.jsonl", "qa.json", "stimulus.jsonl",
-                                                        "stimulus_completion.jsonl", "system.jsonl"]  # fmt: skip
+    assert sorted(Path(p).name for p in data.files) == [
+        "control.jsonl",
+        "qa.json",
+        "stimulus.jsonl",
+        "stimulus_completion.jsonl",
+        "system.jsonl",
+    ]
     rows = data.examples.take_all()
     assert not any(json.loads(r["record"])["label"].startswith("goal-") for r in rows)
 
@@ -153,8 +173,23 @@ def ddp_run(ray_cluster, tmp_path_factory):
 def fsdp_run(ray_cluster, tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     # With a moving average: it changes what is evaluated and saved, not the training losses.
-    proc = run_job(ray_cluster, out, *TINY, "--train.run_name", "fsdp", "--strategy.kind", "fsdp", "--train.ema_decay", "0.5",
-                   "--train.eval_every", "0", "--ray.checkpoint_every", "0", "--mlflow.enabled", "false")  # fmt: skip
+    proc = run_job(
+        ray_cluster,
+        out,
+        *TINY,
+        "--train.run_name",
+        "fsdp",
+        "--strategy.kind",
+        "fsdp",
+        "--train.ema_decay",
+        "0.5",
+        "--train.eval_every",
+        "0",
+        "--ray.checkpoint_every",
+        "0",
+        "--mlflow.enabled",
+        "false",
+    )
     return {"run_dir": out / "fsdp", "proc": proc}
 
 
@@ -209,11 +244,20 @@ def test_mlflow_run_and_registered_model(ddp_run, tmp_path):
     assert tags["latentqa.run_name"] == "ddp" and len(tags["latentqa.code_sha256"]) == 16
     history = client.get_metric_history(run.info.run_id, "train/loss")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # each step once, across the resume
-    for key in ("train/lr", "train/tokens_per_s", "train/label_tokens_per_s", "eval/activation_gain", "final/loss_true"):
+    for key in (
+        "train/lr",
+        "train/tokens_per_s",
+        "train/label_tokens_per_s",
+        "eval/activation_gain",
+        "final/loss_true",
+    ):
         assert key in run.data.metrics
     assert run.data.metrics["train/tokens_per_s"] > run.data.metrics["train/label_tokens_per_s"] > 0
     assert {a.path for a in client.list_artifacts(run.info.run_id, "decoder")} == {
-        "decoder/adapter_config.json", "decoder/adapter_model.safetensors", "decoder/latentqa_target.json"}  # fmt: skip
+        "decoder/adapter_config.json",
+        "decoder/adapter_model.safetensors",
+        "decoder/latentqa_target.json",
+    }
     assert "loss_curves.png" in {a.path for a in client.list_artifacts(run.info.run_id)}
     [version] = client.search_model_versions("name='latentqa-decoder-tiny-llama'")
     assert version.run_id == run.info.run_id
@@ -221,8 +265,9 @@ def test_mlflow_run_and_registered_model(ddp_run, tmp_path):
     assert version.tags["read_layer"] == str(patch["read_layer"])
     assert version.tags["write_layer"] == str(patch["write_layer"])
     # The registered version resolves back to the very adapter the run saved.
-    registered = tracking.resolve_adapter(f"models:/latentqa-decoder-tiny-llama/{version.version}",
-                                          client.tracking_uri, tmp_path)  # fmt: skip
+    registered = tracking.resolve_adapter(
+        f"models:/latentqa-decoder-tiny-llama/{version.version}", client.tracking_uri, tmp_path
+    )
     saved = ddp_run["run_dir"] / "decoder" / "adapter_model.safetensors"
     assert (registered / "adapter_model.safetensors").read_bytes() == saved.read_bytes()
     with pytest.raises(FileNotFoundError, match="models:/latentqa-decoder-tiny-llama/99"):
@@ -239,15 +284,21 @@ def test_every_checkpoint_is_a_logged_model_at_its_step(ddp_run, tmp_path):
     client = MlflowClient(f"sqlite:///{ddp_run['out'] / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("latentqa")
     [run] = client.search_runs([experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'ddp'")
-    models = {m.name: m for m in client.search_logged_models([experiment.experiment_id]) if m.source_run_id == run.info.run_id}
+    models = {
+        m.name: m for m in client.search_logged_models([experiment.experiment_id]) if m.source_run_id == run.info.run_id
+    }
     middle, final = f"checkpoint_{CHECKPOINT_AT:06d}", f"checkpoint_{STEPS:06d}_final"
     assert set(models) == {middle, final}
-    assert {o.model_id: o.step for o in run.outputs.model_outputs} == {models[middle].model_id: CHECKPOINT_AT,
-                                                                       models[final].model_id: STEPS}  # fmt: skip
+    assert {o.model_id: o.step for o in run.outputs.model_outputs} == {
+        models[middle].model_id: CHECKPOINT_AT,
+        models[final].model_id: STEPS,
+    }
     linked = {m.key: m for m in models[middle].metrics}
     assert {"train/loss", "eval/loss_true", "eval/activation_gain"} <= set(linked)
     assert {m.step for m in linked.values()} == {CHECKPOINT_AT}
-    [loss] = [m.value for m in client.get_metric_history(run.info.run_id, "eval/loss_true") if m.step == CHECKPOINT_AT][:1]
+    [loss] = [m.value for m in client.get_metric_history(run.info.run_id, "eval/loss_true") if m.step == CHECKPOINT_AT][
+        :1
+    ]
     assert linked["eval/loss_true"].value == loss
     assert "final/loss_true" in {m.key for m in models[final].metrics}
     [version] = client.search_model_versions("name='latentqa-decoder-tiny-llama'")
@@ -255,7 +306,10 @@ def test_every_checkpoint_is_a_logged_model_at_its_step(ddp_run, tmp_path):
     adapter = tracking.resolve_adapter(f"models:/{models[middle].model_id}", client.tracking_uri, tmp_path)
     saved = ddp_run["run_dir"] / middle / "adapter" / "adapter_model.safetensors"
     assert (adapter / "adapter_model.safetensors").read_bytes() == saved.read_bytes()
-    assert str(json.loads((adapter.parent / "config.json").read_text())["patch"]["read_layer"]) == run.data.params["patch.read_layer"]
+    assert (
+        str(json.loads((adapter.parent / "config.json").read_text())["patch"]["read_layer"])
+        == run.data.params["patch.read_layer"]
+    )
 
 
 @pytest.mark.slow
@@ -270,10 +324,22 @@ def test_a_checkpoint_is_evaluated_at_its_step(ray_cluster, ddp_run):
     name = f"checkpoint_{CHECKPOINT_AT:06d}"
     [model] = [m for m in client.search_logged_models([experiment.experiment_id]) if m.name == name]
     proc = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "jobs" / "evaluate.py"), "--decoder", f"models:/{model.model_id}",
-         "--train.output_dir", str(ddp_run["out"]), "--suite", "loss"],
-        cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=400,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "jobs" / "evaluate.py"),
+            "--decoder",
+            f"models:/{model.model_id}",
+            "--train.output_dir",
+            str(ddp_run["out"]),
+            "--suite",
+            "loss",
+        ],
+        cwd=PROJECT_ROOT,
+        env=job_env(ray_cluster),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, tail(proc)
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
     linked = {m.key: m for m in client.get_logged_model(model.model_id).metrics}
@@ -300,16 +366,23 @@ def test_mlflow_ui_lists_the_checkpoints_of_a_run(ddp_run, tmp_path):
         experiment = client.get_experiment_by_name("latentqa")
         [run] = client.search_runs([experiment.experiment_id], f"tags.`{tracking.RUN_NAME_TAG}` = 'ddp'")
         shots = Path(os.environ.get("LATENTQA_SCREENSHOTS", tmp_path))
-        page.goto(f"{url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning")
+        page.goto(
+            f"{url}/#/experiments/{experiment.experiment_id}/runs/{run.info.run_id}?workflowType=machine_learning"
+        )
         page.get_by_text("Logged models (2)").wait_for(timeout=60_000)
-        [loss] = [m.value for m in client.get_metric_history(run.info.run_id, "eval/loss_true") if m.step == CHECKPOINT_AT][:1]
+        [loss] = [
+            m.value for m in client.get_metric_history(run.info.run_id, "eval/loss_true") if m.step == CHECKPOINT_AT
+        ][:1]
 
         def logged_model_rows() -> dict[str, list[str]]:  # step -> the row's cells: type, step, model, ..., metrics
             texts = page.get_by_role("row").all_inner_texts()
             return {cells[1]: cells for cells in (t.split("\n") for t in texts) if cells[0] == "Output"}
 
         deadline = time.monotonic() + 60  # the metric columns fill in after the rows
-        while loss not in [_number(c) for c in logged_model_rows().get(str(CHECKPOINT_AT), [])] and time.monotonic() < deadline:
+        while (
+            loss not in [_number(c) for c in logged_model_rows().get(str(CHECKPOINT_AT), [])]
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.5)
         rows = logged_model_rows()
         assert set(rows) == {str(CHECKPOINT_AT), str(STEPS)}, rows
@@ -335,8 +408,10 @@ def test_fsdp_matches_ddp(ddp_run, fsdp_run):
     assert fsdp[0] == pytest.approx(ddp[0], abs=1e-5)
     assert [loss for _, loss in fsdp] == pytest.approx([loss for _, loss in ddp], abs=1e-4)
     # The same trajectory, but FSDP's decoder is the average of its weights: it must differ.
-    ddp_adapter, fsdp_adapter = (safetensors.torch.load_file(run["run_dir"] / "decoder" / "adapter_model.safetensors")
-                                 for run in (ddp_run, fsdp_run))  # fmt: skip
+    ddp_adapter, fsdp_adapter = (
+        safetensors.torch.load_file(run["run_dir"] / "decoder" / "adapter_model.safetensors")
+        for run in (ddp_run, fsdp_run)
+    )
     assert ddp_adapter.keys() == fsdp_adapter.keys()
     assert max(float((ddp_adapter[k] - fsdp_adapter[k]).abs().max()) for k in ddp_adapter) > 2e-4  # fp noise: ~1e-7
 
@@ -348,14 +423,36 @@ def test_ray_job_submit_runs_deepspeed_zero3_end_to_end(ray_cluster, ddp_run, tm
     ray_cli = Path(sys.executable).parent / "ray"
     out = tmp_path / "runs"
     command = [
-        str(ray_cli), "job", "submit", "--address", ray_cluster.dashboard, "--working-dir", str(PROJECT_ROOT),
-        "--", sys.executable, "jobs/train.py",
-        "--train.output_dir", str(out), *TINY, "--train.run_name", "zero3",
-        "--strategy.kind", "deepspeed", "--strategy.zero_stage", "3", "--ray.checkpoint_every", "0",
-        "--train.max_steps", "2", "--train.eval_every", "0",
-    ]  # fmt: skip
+        str(ray_cli),
+        "job",
+        "submit",
+        "--address",
+        ray_cluster.dashboard,
+        "--working-dir",
+        str(PROJECT_ROOT),
+        "--",
+        sys.executable,
+        "jobs/train.py",
+        "--train.output_dir",
+        str(out),
+        *TINY,
+        "--train.run_name",
+        "zero3",
+        "--strategy.kind",
+        "deepspeed",
+        "--strategy.zero_stage",
+        "3",
+        "--ray.checkpoint_every",
+        "0",
+        "--train.max_steps",
+        "2",
+        "--train.eval_every",
+        "0",
+    ]
     for _ in range(3):  # the dashboard's job agent may still be starting: it says to retry
-        proc = subprocess.run(command, cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=500)
+        proc = subprocess.run(
+            command, cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=500
+        )
         if "No available agent to submit job" not in proc.stderr:
             break
         time.sleep(10)
@@ -370,17 +467,40 @@ def test_ray_job_submit_runs_deepspeed_zero3_end_to_end(ray_cluster, ddp_run, tm
 
 @pytest.mark.slow
 def test_sweep_trains_one_run_per_value_and_picks_the_largest_gain(ray_cluster, tmp_path):
-    command = [sys.executable, "jobs/sweep.py", "--field", "patch.read_layer", "--values", "0", "1", "--name", "layers",
-               "--train.output_dir", str(tmp_path), *TINY, "--train.max_steps", "2", "--train.eval_every", "0",
-               "--ray.checkpoint_every", "0", "--mlflow.enabled", "false"]  # fmt: skip
-    proc = subprocess.run(command, cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=600)
+    command = [
+        sys.executable,
+        "jobs/sweep.py",
+        "--field",
+        "patch.read_layer",
+        "--values",
+        "0",
+        "1",
+        "--name",
+        "layers",
+        "--train.output_dir",
+        str(tmp_path),
+        *TINY,
+        "--train.max_steps",
+        "2",
+        "--train.eval_every",
+        "0",
+        "--ray.checkpoint_every",
+        "0",
+        "--mlflow.enabled",
+        "false",
+    ]
+    proc = subprocess.run(
+        command, cwd=PROJECT_ROOT, env=job_env(ray_cluster), capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, tail(proc)
     results = json.loads((tmp_path / "layers" / "sweep.json").read_text())
     assert [(r["value"], r["run_name"]) for r in results] == [("0", "layers-0"), ("1", "layers-1")]
     for r in results:  # each value's own run, evaluated at its end
         final = json.loads((tmp_path / r["run_name"] / "metrics.json").read_text())["final"]
         assert r["eval/activation_gain"] == final["eval/activation_gain"]
-        assert json.loads((tmp_path / r["run_name"] / "config.json").read_text())["patch"]["read_layer"] == int(r["value"])
+        assert json.loads((tmp_path / r["run_name"] / "config.json").read_text())["patch"]["read_layer"] == int(
+            r["value"]
+        )
     best = max(results, key=lambda r: r["eval/activation_gain"])
     assert f"best patch.read_layer: {best['value']} " in proc.stdout
     assert (tmp_path / "layers" / "sweep.png").stat().st_size > 0

@@ -44,11 +44,24 @@ def trained_decoder(root: Path) -> TrainedDecoder:
     from latentqa_platform.tracking import decoder_tags, finish_run, flatten, open_run, register_adapter
 
     done = root / "registered.txt"
-    settings = MlflowSettings(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=(root / "mlartifacts").as_uri())
+    settings = MlflowSettings(
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}", artifact_location=(root / "mlartifacts").as_uri()
+    )
     run_dir = root / "runs" / "tiny"
     if not done.exists():
-        main(["train", "--run-name", "tiny", "--train.output_dir", str(root / "runs"), "--train.max_steps", str(STEPS),
-              "--data.eval", "null"])  # fmt: skip
+        main(
+            [
+                "train",
+                "--run-name",
+                "tiny",
+                "--train.output_dir",
+                str(root / "runs"),
+                "--train.max_steps",
+                str(STEPS),
+                "--data.eval",
+                "null",
+            ]
+        )
         config = LatentQAConfig.model_validate_json((run_dir / "config.json").read_text())
         adapter = shutil.copytree(run_dir / "decoder", root / "adapter")  # registered artifacts keep the folder name
         run = open_run(settings, root, "tiny", flatten(config.model_dump(mode="json")), {})

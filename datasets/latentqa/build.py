@@ -53,7 +53,9 @@ def write_splits(source: Path) -> None:
             kept = [r for r in rows if keep(r["label"])]
             kept_labels.update(r["label"] for r in kept)
             (out / name).write_text(json.dumps(kept, indent=1, ensure_ascii=False) + "\n")
-        (out / "qa.json").write_text(json.dumps({k: qa[k] for k in sorted(kept_labels)}, indent=1, ensure_ascii=False) + "\n")
+        (out / "qa.json").write_text(
+            json.dumps({k: qa[k] for k in sorted(kept_labels)}, indent=1, ensure_ascii=False) + "\n"
+        )
         print(f"{split}: {len(kept_labels)} labels")
 
 
@@ -73,16 +75,23 @@ def write_completions(config_path: str, max_new_tokens: int = 64, batch_size: in
         finished = []
         for start in range(0, len(rows), batch_size):
             part = rows[start : start + batch_size]
-            dialogs = [[{"role": "system", "content": r["control_user"]}, {"role": "user", "content": r["stimulus_user"]}] for r in part]
+            dialogs = [
+                [{"role": "system", "content": r["control_user"]}, {"role": "user", "content": r["stimulus_user"]}]
+                for r in part
+            ]
             texts = [tokenizer.apply_chat_template(d, tokenize=False, add_generation_prompt=True) for d in dialogs]
             batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+                out = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
             for row, ids in zip(part, out[:, batch["input_ids"].shape[1] :]):
                 reply = tokenizer.decode(ids, skip_special_tokens=True).strip()
                 finished.append({k: v for k, v in row.items() if k != "control_thought"} | {"stimulus_model": reply})
             print(f"{split}: {len(finished)}/{len(rows)} completions", file=sys.stderr)
-        (HERE / split / "stimulus_completion.json").write_text(json.dumps(finished, indent=1, ensure_ascii=False) + "\n")
+        (HERE / split / "stimulus_completion.json").write_text(
+            json.dumps(finished, indent=1, ensure_ascii=False) + "\n"
+        )
 
 
 def main() -> None:

@@ -121,7 +121,9 @@ class _Encoder:
         with self._lock:
             if self._plain_backend is None and backend is not None:
                 plain = _unbounded_copy(backend)
-                plain.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(self.turn_markup)])
+                plain.add_special_tokens(
+                    [AddedToken(t, special=True, normalized=False) for t in sorted(self.turn_markup)]
+                )
                 plain.encode_special_tokens = True
                 self._plain_backend = plain
         return self._plain_backend
@@ -197,7 +199,10 @@ class ChatFormat:
         # may rewrite such contents (Qwen3 and DeepSeek-R1 parse `</think>` out of replies).
         if not shape.verified[0] or any(self._added_text and self._added_text.search(c) for c in contents):
             expected = self._render_whole(
-                [{"role": r, "content": c} for r, c in zip(roles, contents)], add_generation_prompt, generation_role, thinking
+                [{"role": r, "content": c} for r, c in zip(roles, contents)],
+                add_generation_prompt,
+                generation_role,
+                thinking,
             )
             if expected != rendered.text:
                 raise UnsupportedChatTemplate(
@@ -237,7 +242,7 @@ class ChatFormat:
             text += self.generation_prompt(messages, generation_role)
         return text
 
-    @functools.lru_cache(maxsize=256)
+    @functools.lru_cache(maxsize=256)  # noqa: B019  one ChatFormat per loaded model; its shapes live as long
     def _shape(
         self, roles: tuple[str, ...], add_generation_prompt: bool, generation_role: str | None, thinking: bool
     ) -> _Shape:
@@ -251,7 +256,9 @@ class ChatFormat:
         for k, probe in enumerate(probes):
             at = text.find(probe)
             if at < 0:
-                raise UnsupportedChatTemplate(f"the chat template drops message {k} (role {roles[k]!r}) from the dialog")
+                raise UnsupportedChatTemplate(
+                    f"the chat template drops message {k} (role {roles[k]!r}) from the dialog"
+                )
             if positions and at < positions[-1]:
                 raise UnsupportedChatTemplate(
                     f"the chat template renders message {k} (role {roles[k]!r}) before message {k - 1} "
@@ -322,7 +329,9 @@ class ChatFormat:
         A content holding the text of a turn-markup token is the exception: it is cut out and
         encoded as plain text (`encode`), so that a message can never open or close a turn."""
         text = rendered.text
-        forged = [(a, b) for a, b in rendered.content_spans if self._markup_text and self._markup_text.search(text, a, b)]
+        forged = [
+            (a, b) for a, b in rendered.content_spans if self._markup_text and self._markup_text.search(text, a, b)
+        ]
         bounds = sorted({0, *cuts, *(b for span in forged for b in span), len(text)})
         spans = list(zip(bounds, bounds[1:]))
         plain = [any(a <= start and end <= b for a, b in forged) for start, end in spans]
@@ -372,7 +381,9 @@ class ChatFormat:
             except UnsupportedChatTemplate:  # no system role: the first dialog shows the markup
                 continue
             pieces += re.split("|".join(_PROBES), text)
-        written = {added[i].content for ids in self.encode(pieces) for i in ids if i in added and added[i].content.strip()}
+        written = {
+            added[i].content for ids in self.encode(pieces) for i in ids if i in added and added[i].content.strip()
+        }
         return frozenset(written | {t.content for t in added.values() if t.special})
 
     def _discover_bos(self) -> str:

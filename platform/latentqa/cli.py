@@ -65,8 +65,14 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .models import DECODER
     from .strategy import Strategy
     from .training import (
-        TrainProgress, adamw_factory, cosine_with_warmup, example_length, fit, length_grouped_order, strategy_config,
-    )  # fmt: skip
+        TrainProgress,
+        adamw_factory,
+        cosine_with_warmup,
+        example_length,
+        fit,
+        length_grouped_order,
+        strategy_config,
+    )
 
     config = _config(args, overrides)
     train_cfg = config.train
@@ -88,11 +94,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
             yield lqa.collate([laid[i] for i in indices])
 
     strategy = Strategy.create(strategy_config(config, "local"))
-    strategy.prepare(lqa.model, adamw_factory(train_cfg), lambda opt: cosine_with_warmup(opt, train_cfg.warmup_steps, total))
+    strategy.prepare(
+        lqa.model, adamw_factory(train_cfg), lambda opt: cosine_with_warmup(opt, train_cfg.warmup_steps, total)
+    )
 
     def run_eval() -> dict[str, float]:
         with strategy.averaged_weights():
-            return evaluate(lqa, eval_examples, batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches).as_metrics()
+            return evaluate(
+                lqa, eval_examples, batch_size=train_cfg.batch_size, max_batches=train_cfg.eval_batches
+            ).as_metrics()
 
     bar = tqdm(total=total, desc="train", unit="step")
 
@@ -105,7 +115,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     first = run_eval() if eval_examples else {}
     if first:
         print(_format_metrics(0, first))
-    fit(strategy, epoch_batches, steps_per_epoch, train_cfg, config.patch, TrainProgress(), run_eval if eval_examples else None, on_step)
+    fit(
+        strategy,
+        epoch_batches,
+        steps_per_epoch,
+        train_cfg,
+        config.patch,
+        TrainProgress(),
+        run_eval if eval_examples else None,
+        on_step,
+    )
     bar.close()
     last = run_eval() if eval_examples else {}
     if last:
@@ -155,7 +174,12 @@ def cmd_read(args: argparse.Namespace, overrides: list[str]) -> None:
     questions = args.question or DEFAULT_QUESTIONS
     answers = read(lqa, dialogs, questions, read_layer=args.layer, max_new_tokens=args.max_new_tokens)
     for name, dialog, dialog_answers in zip(names, dialogs, answers):
-        print(json.dumps({"dialog": name, "messages": dialog, "answers": dict(zip(questions, dialog_answers))}, ensure_ascii=False))
+        print(
+            json.dumps(
+                {"dialog": name, "messages": dialog, "answers": dict(zip(questions, dialog_answers))},
+                ensure_ascii=False,
+            )
+        )
 
 
 def cmd_score(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -176,12 +200,18 @@ def cmd_steer(args: argparse.Namespace, overrides: list[str]) -> None:
     control = json.loads(Path(args.control).read_text())
     qa = [tuple(pair) for pair in (control["qa"] if isinstance(control, dict) else control)]
     prompts = json.loads(Path(args.prompts).read_text())
-    train_prompts, heldout = (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
+    train_prompts, heldout = (
+        (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
+    )
     out = Path(args.out or RUNS_DIR / "controls" / f"{Path(args.control).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     lqa = _load(config)
-    result = steer(lqa, qa, train_prompts, out, on_step=lambda s, l: print(f"step {s}: control loss {l:.3f}"))
+    result = steer(
+        lqa, qa, train_prompts, out, on_step=lambda step, loss: print(f"step {step}: control loss {loss:.3f}")
+    )
     print(f"control adapter saved to {result.adapter_dir}")
-    for prompt, before, after in zip(heldout[: args.show], complete(lqa, heldout[: args.show]), complete(lqa, heldout[: args.show], CONTROL)):
+    for prompt, before, after in zip(
+        heldout[: args.show], complete(lqa, heldout[: args.show]), complete(lqa, heldout[: args.show], CONTROL)
+    ):
         print(json.dumps({"prompt": prompt, "target": before, "steered": after}, ensure_ascii=False))
 
 
@@ -218,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--config", type=Path, help="YAML config (e.g. infra/configs/llama3-8b-ddp.yaml)")
         return p
 
-    p = add("inspect-batch", "print the token layout of each input line (mode, record, question, answer) as JSON", cmd_inspect_batch)
+    p = add(
+        "inspect-batch",
+        "print the token layout of each input line (mode, record, question, answer) as JSON",
+        cmd_inspect_batch,
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer folder with a chat template")
     p.add_argument("--input", required=True, help="JSONL of {mode, record, question, answer}")
     p.add_argument("--thought-tokens", action="store_true", help="wrap stimulus_model with <think> tokens")
@@ -230,7 +264,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("read", "answer questions about dialogs from their activations", cmd_read),
         ("score", "rank candidate answers to a question about a dialog by decoder loss", cmd_score),
         ("steer", "train a control adapter for the target from control QA pairs", cmd_steer),
-        ("evaluate", "the evaluation suite: held-out loss, identification by multiple choice and open-ended reading, baselines", cmd_evaluate),
+        (
+            "evaluate",
+            "the evaluation suite: held-out loss, identification by multiple choice and open-ended reading, baselines",
+            cmd_evaluate,
+        ),
     ):
         p = add(name, text, func)
         p.add_argument("--decoder", type=Path, help="decoder adapter folder (default: the latest under runs/)")
@@ -251,7 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_p.add_argument("--output", type=Path, help="write results.json, per_item.jsonl and figures to this folder")
     steer_p = sub.choices["steer"]
     steer_p.add_argument("--control", type=Path, default=CONTROLS_DIR / "pirate.json", help="control QA pairs (JSON)")
-    steer_p.add_argument("--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}')
+    steer_p.add_argument(
+        "--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}'
+    )
     steer_p.add_argument("--out", type=Path, help="where to save the control adapter (must be new)")
     steer_p.add_argument("--show", type=int, default=3, help="held-out prompts to complete before/after")
     return parser
@@ -261,19 +301,34 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
     """The evaluation suite's options, shared with jobs/evaluate.py (`suite_options` reads them)."""
     from .suite import TASKS
 
-    parser.add_argument("--suite", nargs="+", choices=TASKS, default=list(TASKS), metavar="TASK",
-                        help=f"tasks to run (default: all of {' '.join(TASKS)})")  # fmt: skip
+    parser.add_argument(
+        "--suite",
+        nargs="+",
+        choices=TASKS,
+        default=list(TASKS),
+        metavar="TASK",
+        help=f"tasks to run (default: all of {' '.join(TASKS)})",
+    )
     parser.add_argument("--choices", type=int, default=4, help="candidates per identification item (K)")
     parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length in open-ended reading")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--layers", type=int, nargs="+", default=[], help="also map identification over these read layers")
+    parser.add_argument(
+        "--layers", type=int, nargs="+", default=[], help="also map identification over these read layers"
+    )
     parser.add_argument("--map-items", type=int, help="items in the layer map (default: all)")
 
 
 def suite_options(args: argparse.Namespace) -> dict:
     """`run_suite` keywords from the arguments of `add_suite_arguments` (and --layer)."""
-    return {"tasks": args.suite, "choices": args.choices, "max_new_tokens": args.max_new_tokens, "batch_size": args.batch_size,
-            "read_layer": args.layer, "layers": args.layers, "map_items": args.map_items}  # fmt: skip
+    return {
+        "tasks": args.suite,
+        "choices": args.choices,
+        "max_new_tokens": args.max_new_tokens,
+        "batch_size": args.batch_size,
+        "read_layer": args.layer,
+        "layers": args.layers,
+        "map_items": args.map_items,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,7 +336,15 @@ def main(argv: list[str] | None = None) -> None:
     args, overrides = parser.parse_known_args(argv)
     try:
         args.func(args, overrides)
-    except (ConfigError, DataError, LayoutError, UnsupportedChatTemplate, FileNotFoundError, ModelFileError, WrongTarget) as err:
+    except (
+        ConfigError,
+        DataError,
+        LayoutError,
+        UnsupportedChatTemplate,
+        FileNotFoundError,
+        ModelFileError,
+        WrongTarget,
+    ) as err:
         raise SystemExit(f"error: {err}") from None
 
 

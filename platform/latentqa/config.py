@@ -66,7 +66,7 @@ class PatchConfig(_Strict):
     thought_tokens: bool = False
 
     @model_validator(mode="after")
-    def _layer_range(self) -> "PatchConfig":
+    def _layer_range(self) -> PatchConfig:
         if (self.min_layer is None) != (self.max_layer is None):
             raise ValueError("set both min_layer and max_layer to sample read layers, or neither")
         if self.min_layer is not None and not 0 <= self.min_layer < self.max_layer:

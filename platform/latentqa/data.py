@@ -182,10 +182,7 @@ class Example:
 
 
 def expand(
-    records: list[Record],
-    qa: dict[str, list[QAPair]],
-    source: str = "",
-    exclude_prefixes: tuple[str, ...] = (),
+    records: list[Record], qa: dict[str, list[QAPair]], source: str = "", exclude_prefixes: tuple[str, ...] = ()
 ) -> list[Example]:
     """Pair every record with every QA pair of its label (R x Q examples)."""
     examples = []
@@ -209,7 +206,6 @@ class DatasetSpec(BaseModel):
     train_percent: float = 1.0
     seed: int = 0
 
-
     @field_validator("path")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
@@ -224,7 +220,9 @@ def load_examples(spec: DatasetSpec) -> list[Example]:
         raise DataError(f"{folder}: {QA_FILE} is missing")
     qa = load_qa(qa_path)
     present = [folder / name for name in spec.files if (folder / name).exists()]
-    present += [(folder / name).with_suffix(".jsonl") for name in spec.files if (folder / name).with_suffix(".jsonl").exists()]
+    present += [
+        (folder / name).with_suffix(".jsonl") for name in spec.files if (folder / name).with_suffix(".jsonl").exists()
+    ]
     if not present:
         raise DataError(f"{folder}: none of {', '.join(spec.files)} (or .jsonl) found")
     examples = []

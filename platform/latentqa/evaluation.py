@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 from .data import Example
 from .layout import IGNORE_INDEX
@@ -82,9 +82,7 @@ def evaluate(
 
 def _evaluate(lqa: LatentQA, examples: Sequence[Example], layer: int, shift: bool, batch_size: int) -> EvalResult:
     partners = shuffled_partners(examples)
-    shuffled = [
-        Example(examples[j].record, e.question, e.answer, e.source) for e, j in zip(examples, partners)
-    ]
+    shuffled = [Example(examples[j].record, e.question, e.answer, e.source) for e, j in zip(examples, partners)]
     totals = {"true": [0.0, 0], "shuffled": [0.0, 0], "none": [0.0, 0]}
     per_example: dict[str, list[float]] = {"true": [], "shuffled": []}
     for condition, chosen in (("true", examples), ("shuffled", shuffled), ("none", examples)):

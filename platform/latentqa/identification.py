@@ -29,9 +29,9 @@ import itertools
 import random
 import re
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -55,7 +55,9 @@ class ChoiceItem:
     answer: int  # index of the true description among the candidates
 
 
-def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("persona", "goal", "sqa"), seed: int = 0) -> list[ChoiceItem]:
+def choice_items(
+    folder: str | Path, k: int = 4, kinds: Sequence[str] = ("persona", "goal", "sqa"), seed: int = 0
+) -> list[ChoiceItem]:
     """Items from a held-out folder of the paper's files: system.json and stimulus_completion.json
     (personas and goals), and the scenario stories of control.json (the paper's "sqa" labels)."""
     folder = Path(folder)
@@ -68,7 +70,11 @@ def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("person
             turns = [{"role": "user", "content": r.stimulus_user}, {"role": "assistant", "content": r.stimulus_model}]
             dialogs.append((r.label, "reply", ReadDialog(turns, "none", False)))
     if (folder / "control.json").exists():  # a story in the user's message, read whole; the questions ask about it
-        dialogs += [(r.label, "story", read_dialog(r)) for r in load_records(folder / "control.json") if r.label.startswith("sqa-")]
+        dialogs += [
+            (r.label, "story", read_dialog(r))
+            for r in load_records(folder / "control.json")
+            if r.label.startswith("sqa-")
+        ]
     by_kind: dict[str, list[str]] = defaultdict(list)
     for label in sorted({label for label, _, _ in dialogs}):
         by_kind[label.split("-")[0]].append(label)
@@ -90,7 +96,9 @@ def choice_items(folder: str | Path, k: int = 4, kinds: Sequence[str] = ("person
 class ChoiceResult:
     items: list[ChoiceItem]
     chosen: dict[str, list[int]]  # condition -> the candidate picked for each item
-    answer_losses: dict[str, list[float]] = field(default_factory=dict)  # scored: condition -> the true candidate's loss
+    answer_losses: dict[str, list[float]] = field(
+        default_factory=dict
+    )  # scored: condition -> the true candidate's loss
     answers: dict[str, list[str]] = field(default_factory=dict)  # open-ended: condition -> generated answers
 
     def correct(self, condition: str) -> list[bool]:
@@ -109,8 +117,11 @@ class ChoiceResult:
 
     def as_metrics(self, prefix: str = "eval/choice/") -> dict[str, float]:
         settings = sorted({item.setting for item in self.items})
-        return {f"{prefix}{setting}/{condition}_accuracy": self.accuracy(condition, setting)
-                for setting in settings for condition in self.chosen}  # fmt: skip
+        return {
+            f"{prefix}{setting}/{condition}_accuracy": self.accuracy(condition, setting)
+            for setting in settings
+            for condition in self.chosen
+        }
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,7 @@ class ItemReads:
     reads: list[ReadSide]
     acts: dict[int, list[torch.Tensor]]
 
-    def first(self, n: int | None) -> "ItemReads":
+    def first(self, n: int | None) -> ItemReads:
         return ItemReads(self.reads[:n], {layer: rows[:n] for layer, rows in self.acts.items()})
 
 
@@ -131,8 +142,14 @@ def read_items(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int]
         return ItemReads(*_read_all(lqa, items, sorted(set(layers)), batch_size))
 
 
-def multiple_choice(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16,
-                    conditions: Sequence[str] = CONDITIONS, read: ItemReads | None = None) -> ChoiceResult:  # fmt: skip
+def multiple_choice(
+    lqa: LatentQA,
+    items: Sequence[ChoiceItem],
+    read_layer: int | None = None,
+    batch_size: int = 16,
+    conditions: Sequence[str] = CONDITIONS,
+    read: ItemReads | None = None,
+) -> ChoiceResult:
     """Each item's pick under each of `conditions` (`read`: the items' activations, if read already)."""
     layer = lqa.config.patch.read_layer if read_layer is None else read_layer
     read = read or read_items(lqa, items, [layer], batch_size)
@@ -140,25 +157,47 @@ def multiple_choice(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int 
         return _choose(lqa, items, read.reads, read.acts[layer], conditions, batch_size)
 
 
-def layer_map(lqa: LatentQA, items: Sequence[ChoiceItem], layers: Sequence[int], batch_size: int = 16,
-              read: ItemReads | None = None) -> dict[int, ChoiceResult]:  # fmt: skip
+def layer_map(
+    lqa: LatentQA,
+    items: Sequence[ChoiceItem],
+    layers: Sequence[int],
+    batch_size: int = 16,
+    read: ItemReads | None = None,
+) -> dict[int, ChoiceResult]:
     """Picks with true and shuffled activations read at each of `layers` (the other conditions do
     not depend on the layer), all layers from one target pass per dialog."""
     read = read or read_items(lqa, items, layers, batch_size)
     with lqa.model.evaluating():
-        return {layer: _choose(lqa, items, read.reads, read.acts[layer], ("true", "shuffled"), batch_size) for layer in layers}
+        return {
+            layer: _choose(lqa, items, read.reads, read.acts[layer], ("true", "shuffled"), batch_size)
+            for layer in layers
+        }
 
 
-def open_ended(lqa: LatentQA, items: Sequence[ChoiceItem], read_layer: int | None = None, batch_size: int = 16,
-               max_new_tokens: int = 48, conditions: Sequence[str] = CONDITIONS, read: ItemReads | None = None) -> ChoiceResult:  # fmt: skip
+def open_ended(
+    lqa: LatentQA,
+    items: Sequence[ChoiceItem],
+    read_layer: int | None = None,
+    batch_size: int = 16,
+    max_new_tokens: int = 48,
+    conditions: Sequence[str] = CONDITIONS,
+    read: ItemReads | None = None,
+) -> ChoiceResult:
     """Each item's generated answer under each of `conditions`, and the candidate it is judged
     closest to (`closest_candidate`)."""
     layer = lqa.config.patch.read_layer if read_layer is None else read_layer
     read = read or read_items(lqa, items, [layer], batch_size)
     with lqa.model.evaluating():
-        answers = {c: _generate(lqa, items, read.reads, read.acts[layer], c, batch_size, max_new_tokens) for c in conditions}
-    chosen = {c: [closest_candidate(a, item.candidates, item.question, judge_seed(item, c)) for a, item in zip(answers[c], items)]
-              for c in conditions}  # fmt: skip
+        answers = {
+            c: _generate(lqa, items, read.reads, read.acts[layer], c, batch_size, max_new_tokens) for c in conditions
+        }
+    chosen = {
+        c: [
+            closest_candidate(a, item.candidates, item.question, judge_seed(item, c))
+            for a, item in zip(answers[c], items)
+        ]
+        for c in conditions
+    }
     return ChoiceResult(list(items), chosen, answers=answers)
 
 
@@ -216,7 +255,10 @@ def closest_candidate(answer: str, candidates: Sequence[str], question: str = ""
 def _read_all(lqa: LatentQA, items: Sequence[ChoiceItem], layers: list[int], batch_size: int):
     """Each item's read side, and its activations at every layer in `layers` (layer -> per-item rows)."""
     reads = [lqa.layout.read_side(item.dialog) for item in items]
-    laid = [LaidOutExample(r, lqa.layout.write_side(_n(r), item.question, item.candidates[0], "score")) for r, item in zip(reads, items)]
+    laid = [
+        LaidOutExample(r, lqa.layout.write_side(_n(r), item.question, item.candidates[0], "score"))
+        for r, item in zip(reads, items)
+    ]
     acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(laid), batch_size):
         part = laid[start : start + batch_size]
@@ -231,14 +273,17 @@ def read_sources(items: Sequence[ChoiceItem], condition: str) -> list[int]:
     return shuffled_partners(items, key=lambda item: item.label) if condition == "shuffled" else list(range(len(items)))
 
 
-def scoring_batches(lqa: LatentQA, items: Sequence[ChoiceItem], reads: Sequence[ReadSide], condition: str, batch_size: int):
+def scoring_batches(
+    lqa: LatentQA, items: Sequence[ChoiceItem], reads: Sequence[ReadSide], condition: str, batch_size: int
+):
     """The batches that score every item's candidates under `condition`, in order: (the index of
     the dialog whose activations patch each row, the batch, the adapter that scores it)."""
     jobs = [(i, j, c) for i, j in enumerate(read_sources(items, condition)) for c in items[i].candidates]
     for start in range(0, len(jobs), batch_size):
         part = jobs[start : start + batch_size]
-        batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], c))
-                             for i, j, c in part])  # fmt: skip
+        batch = lqa.collate(
+            [LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], c)) for i, j, c in part]
+        )
         yield [j for _, j, _ in part], batch, None if condition == "prompting" else DECODER
 
 
@@ -261,18 +306,33 @@ def _generate(lqa, items, reads, acts, condition, batch_size, max_new_tokens) ->
     """Greedy answers to each item's question under `condition`."""
     if condition == "prompting":
         asked = [_asking(item) for item in items]
-        return [a for start in range(0, len(items), batch_size)
-                for a in complete(lqa, asked[start : start + batch_size], None, max_new_tokens)]  # fmt: skip
+        return [
+            a
+            for start in range(0, len(items), batch_size)
+            for a in complete(lqa, asked[start : start + batch_size], None, max_new_tokens)
+        ]
     shift = lqa.config.patch.shift_position_ids_read
     jobs = list(enumerate(read_sources(items, condition)))
     answers = []
     for start in range(0, len(jobs), batch_size):
         part = jobs[start : start + batch_size]
-        batch = lqa.collate([LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], None))
-                             for i, j in part])  # fmt: skip
-        patch = (batch.write_patch_mask, torch.cat([acts[j] for _, j in part])) if condition in ("true", "shuffled") else None
-        tokens = lqa.model.generate(batch.write_ids, batch.write_attention, lqa.model.decoder_position_ids(batch, shift),
-                                    max_new_tokens, lqa.stop_ids, lqa.chat_format.pad_id, patch=patch)  # fmt: skip
+        batch = lqa.collate(
+            [LaidOutExample(reads[j], condition_write_side(lqa, condition, items[i], reads[j], None)) for i, j in part]
+        )
+        patch = (
+            (batch.write_patch_mask, torch.cat([acts[j] for _, j in part]))
+            if condition in ("true", "shuffled")
+            else None
+        )
+        tokens = lqa.model.generate(
+            batch.write_ids,
+            batch.write_attention,
+            lqa.model.decoder_position_ids(batch, shift),
+            max_new_tokens,
+            lqa.stop_ids,
+            lqa.chat_format.pad_id,
+            patch=patch,
+        )
         answers += [lqa.decode(t) for t in tokens]
     return answers
 
@@ -287,7 +347,9 @@ def _asking(item: ChoiceItem) -> list[dict[str, str]]:
     return messages
 
 
-def condition_write_side(lqa: LatentQA, condition: str, item: ChoiceItem, read: ReadSide, candidate: str | None) -> WriteSide:
+def condition_write_side(
+    lqa: LatentQA, condition: str, item: ChoiceItem, read: ReadSide, candidate: str | None
+) -> WriteSide:
     """What scores `candidate` (or, for None, asks for an answer) under `condition`: the decoder's
     dialog (with placeholders, or the read span's tokens as text), or the target's own chat with
     the question appended."""

@@ -191,7 +191,7 @@ class Batch:
     labels: torch.Tensor | None
     verb_lengths: torch.Tensor
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         return Batch(**{k: (v.to(device) if v is not None else None) for k, v in self.__dict__.items()})
 
     def __len__(self) -> int:
@@ -227,10 +227,14 @@ def collate(examples: list[LaidOutExample], pad_id: int) -> Batch:
     return Batch(
         read_ids=read_ids,
         read_attention=read_attention,
-        read_patch_mask=_span_mask([e.read.patched_span for e in examples], [len(e.read.ids) for e in examples], read_ids.shape[1]),
+        read_patch_mask=_span_mask(
+            [e.read.patched_span for e in examples], [len(e.read.ids) for e in examples], read_ids.shape[1]
+        ),
         write_ids=write_ids,
         write_attention=write_attention,
-        write_patch_mask=_span_mask([e.write.patched_span for e in examples], [len(e.write.ids) for e in examples], write_ids.shape[1]),
+        write_patch_mask=_span_mask(
+            [e.write.patched_span for e in examples], [len(e.write.ids) for e in examples], write_ids.shape[1]
+        ),
         labels=labels,
         verb_lengths=torch.tensor([e.read.masked_span[1] - e.read.masked_span[0] for e in examples]),
     )

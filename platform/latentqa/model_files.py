@@ -55,7 +55,9 @@ def gguf_file(path: str) -> Path | None:
     if candidate.is_dir() and not (candidate / "config.json").exists():
         found = sorted(candidate.glob("*.gguf"))
         if len(found) > 1:
-            raise ModelFileError(f"model.path {path}: holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); name one")
+            raise ModelFileError(
+                f"model.path {path}: holds {len(found)} GGUF files ({', '.join(f.name for f in found)}); name one"
+            )
         return found[0] if found else None
     return None
 
@@ -82,9 +84,17 @@ def _sha256(path: Path) -> str:
     from tqdm import tqdm
 
     digest = hashlib.sha256()
-    with path.open("rb") as handle, tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, desc=f"hashing {path.name}", leave=False, file=sys.stderr
-    ) as bar:
+    with (
+        path.open("rb") as handle,
+        tqdm(
+            total=path.stat().st_size,
+            unit="B",
+            unit_scale=True,
+            desc=f"hashing {path.name}",
+            leave=False,
+            file=sys.stderr,
+        ) as bar,
+    ):
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
             bar.update(len(block))
@@ -136,7 +146,9 @@ def _convert(path: Path, digest: str, folder: Path) -> None:
         del model.config.quantization_config
         model.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(tmp)
-        (tmp / SOURCE_FILE).write_text(json.dumps({"gguf": path.name, "sha256": digest, "architecture": architecture}, indent=2))
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps({"gguf": path.name, "sha256": digest, "architecture": architecture}, indent=2)
+        )
         try:
             tmp.rename(folder)
         except OSError:
@@ -161,8 +173,10 @@ class WrongTarget(ValueError):
 def target_identity(model_config) -> dict:
     """The target as an adapter records it: its name and the shape any adapter depends on."""
     name = str(getattr(model_config, "_name_or_path", "") or "unnamed")
-    return {"name": Path(name).name if Path(name).is_absolute() else name,
-            **{field: getattr(model_config, field, None) for field in _IDENTITY_FIELDS}}  # fmt: skip
+    return {
+        "name": Path(name).name if Path(name).is_absolute() else name,
+        **{field: getattr(model_config, field, None) for field in _IDENTITY_FIELDS},
+    }
 
 
 def write_target_identity(adapter_dir: str | Path, model_config) -> None:
@@ -184,5 +198,7 @@ def check_target(adapter_dir: str | Path, model_config) -> None:
 
 
 def _describe(identity: dict) -> str:
-    return (f"{identity.get('name')} ({identity.get('model_type')}, {identity.get('num_hidden_layers')} blocks, "
-            f"hidden {identity.get('hidden_size')}, vocab {identity.get('vocab_size')})")  # fmt: skip
+    return (
+        f"{identity.get('name')} ({identity.get('model_type')}, {identity.get('num_hidden_layers')} blocks, "
+        f"hidden {identity.get('hidden_size')}, vocab {identity.get('vocab_size')})"
+    )

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -69,8 +69,10 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     (through PEFT wrappers, and after FSDP2 renames their classes `FSDP<Name>`).
     """
     for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and all(
-            type(child).__name__.endswith("DecoderLayer") for child in module
+        if (
+            isinstance(module, nn.ModuleList)
+            and len(module)
+            and all(type(child).__name__.endswith("DecoderLayer") for child in module)
         ):
             return module
     raise ValueError(f"cannot find the decoder blocks of {type(model).__name__}: no ModuleList of *DecoderLayer")
@@ -102,10 +104,12 @@ class AdapterSet:
         self._enforce()
 
     @classmethod
-    def create(cls, base: PreTrainedModel, cfg: ModelConfig, lora: LoraSettings, train_decoder: bool) -> "AdapterSet":
+    def create(cls, base: PreTrainedModel, cfg: ModelConfig, lora: LoraSettings, train_decoder: bool) -> AdapterSet:
         if cfg.decoder_adapter:
             check_target(cfg.decoder_adapter, base.config)
-            model = PeftModel.from_pretrained(base, cfg.decoder_adapter, adapter_name=DECODER, is_trainable=train_decoder)
+            model = PeftModel.from_pretrained(
+                base, cfg.decoder_adapter, adapter_name=DECODER, is_trainable=train_decoder
+            )
         else:
             model = get_peft_model(base, _lora_config(lora), adapter_name=DECODER)
         return cls(model, {DECODER} if train_decoder else set())

@@ -9,7 +9,8 @@ decodes with the KV cache.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -257,8 +258,14 @@ class LatentQAModel(nn.Module):
         return [_until_stop(row, stop_ids) for row in generated]
 
     def generate_answers(
-        self, batch: Batch, acts: torch.Tensor, max_new_tokens: int, stop_ids: set[int], pad_id: int,
-        shift: bool = False, use_cache: bool = True,
+        self,
+        batch: Batch,
+        acts: torch.Tensor,
+        max_new_tokens: int,
+        stop_ids: set[int],
+        pad_id: int,
+        shift: bool = False,
+        use_cache: bool = True,
     ) -> list[list[int]]:
         """The decoder's patched answers to a batch laid out in generate mode."""
         return self.generate(

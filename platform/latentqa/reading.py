@@ -6,8 +6,8 @@ once and repeated for each question's decoder prompt.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -44,7 +44,11 @@ def read(
 
     `questions` is one list for all dialogs, or one list per dialog.
     """
-    per_dialog = [list(questions)] * len(dialogs) if questions and isinstance(questions[0], str) else [list(q) for q in questions]
+    per_dialog = (
+        [list(questions)] * len(dialogs)
+        if questions and isinstance(questions[0], str)
+        else [list(q) for q in questions]
+    )
     if len(per_dialog) != len(dialogs):
         raise ValueError(f"got {len(dialogs)} dialogs but {len(per_dialog)} question lists")
     with lqa.model.evaluating():
@@ -105,11 +109,17 @@ def score(
 
 def _score(lqa, dialog, question, candidates, layer, batch_size) -> list[ScoredAnswer]:
     read_side = lqa.layout.read_side(dialog_to_read(dialog))
-    one = lqa.collate([LaidOutExample(read_side, lqa.layout.write_side(_n(read_side), question, candidates[0], "score"))])
+    one = lqa.collate(
+        [LaidOutExample(read_side, lqa.layout.write_side(_n(read_side), question, candidates[0], "score"))]
+    )
     acts = lqa.model.target_activations(one, [layer])[layer]
     losses: list[float] = []
     for start in range(0, len(candidates), batch_size):
         part = candidates[start : start + batch_size]
-        batch = lqa.collate([LaidOutExample(read_side, lqa.layout.write_side(_n(read_side), question, c, "score")) for c in part])
-        losses += lqa.model.example_losses(batch, acts.repeat(len(part), 1), lqa.config.patch.shift_position_ids_read).tolist()
-    return sorted((ScoredAnswer(c, l) for c, l in zip(candidates, losses)), key=lambda s: s.loss)
+        batch = lqa.collate(
+            [LaidOutExample(read_side, lqa.layout.write_side(_n(read_side), question, c, "score")) for c in part]
+        )
+        losses += lqa.model.example_losses(
+            batch, acts.repeat(len(part), 1), lqa.config.patch.shift_position_ids_read
+        ).tolist()
+    return sorted((ScoredAnswer(c, loss) for c, loss in zip(candidates, losses)), key=lambda s: s.loss)

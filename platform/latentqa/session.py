@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 
@@ -32,13 +32,15 @@ class LatentQA:
     model: LatentQAModel
 
     @classmethod
-    def load(cls, config: LatentQAConfig, train_decoder: bool = False) -> "LatentQA":
+    def load(cls, config: LatentQAConfig, train_decoder: bool = False) -> LatentQA:
         layout = layout_for(config)
         base = load_base(config.model)
         adapters = AdapterSet.create(base, config.model, config.lora, train_decoder)
         model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
         if not 0 <= config.patch.write_layer < model.num_layers:
-            raise ValueError(f"patch.write_layer {config.patch.write_layer} is outside the model's {model.num_layers} blocks")
+            raise ValueError(
+                f"patch.write_layer {config.patch.write_layer} is outside the model's {model.num_layers} blocks"
+            )
         return cls(config, layout.chat_format.tokenizer, layout.chat_format, layout, model)
 
     @property

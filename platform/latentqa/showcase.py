@@ -34,19 +34,32 @@ def showcase(config: LatentQAConfig | None = None, count: int = 3, seed: int = 0
     records = [r for r in load_records(held_out / "system.json") if r.label.split("-")[0] in ("persona", "goal")]
     chosen = random.Random(seed).sample(records, count)
     lqa = LatentQA.load(config)
-    with_system = [[{"role": "system", "content": r.system}, {"role": "user", "content": r.stimulus_user}] for r in chosen]
+    with_system = [
+        [{"role": "system", "content": r.system}, {"role": "user", "content": r.stimulus_user}] for r in chosen
+    ]
     replies = complete(lqa, with_system, max_new_tokens=48)
     reply_only = [[d[1], {"role": "assistant", "content": reply}] for d, reply in zip(with_system, replies)]
     questions = [[qa[r.label][0][0]] for r in chosen]
-    answers_system = read(lqa, [d + [{"role": "assistant", "content": a}] for d, a in zip(with_system, replies)], questions)
+    answers_system = read(
+        lqa, [d + [{"role": "assistant", "content": a}] for d, a in zip(with_system, replies)], questions
+    )
     answers_reply = read(lqa, reply_only, questions)
     shown = []
-    for record, reply, question, from_system, from_reply in zip(chosen, replies, questions, answers_system, answers_reply):
-        row = {"label": record.label, "system": record.system, "user": record.stimulus_user, "target_reply": reply,
-               "question": question[0], "read_with_system_prompt": from_system[0], "read_from_reply": from_reply[0],
-               "truth": qa[record.label][0][1]}  # fmt: skip
+    for record, reply, question, from_system, from_reply in zip(
+        chosen, replies, questions, answers_system, answers_reply
+    ):
+        row = {
+            "label": record.label,
+            "system": record.system,
+            "user": record.stimulus_user,
+            "target_reply": reply,
+            "question": question[0],
+            "read_with_system_prompt": from_system[0],
+            "read_from_reply": from_reply[0],
+            "truth": qa[record.label][0][1],
+        }
         shown.append(row)
-        wrap = lambda text: textwrap.fill(text, 100, initial_indent="      ", subsequent_indent="      ")  # noqa: E731
+        wrap = lambda text: textwrap.fill(text, 100, initial_indent="      ", subsequent_indent="      ")
         print(f"\n  [{record.label}]  system prompt (the decoder is not told): {record.system}", file=out)
         print(f"    user: {record.stimulus_user}\n    target's own reply:\n{wrap(reply)}", file=out)
         print(f"    Q: {question[0]}", file=out)

@@ -9,9 +9,9 @@ every controlled block, each loss reaching only its own block.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -69,12 +69,11 @@ def steer(
     for step in range(cfg.steps):
         picks = [rng.randrange(len(prompts)) for _ in range(cfg.batch_size)]
         batch = lqa.collate(
-            [
-                _sample(lqa, prompts[p], references[p] if references else None, rng.choice(list(control)))
-                for p in picks
-            ]
+            [_sample(lqa, prompts[p], references[p] if references else None, rng.choice(list(control))) for p in picks]
         )
-        acts = lqa.model.target_activations(batch, read_layers, adapter=CONTROL, grad=True, detach_between=cfg.per_layer)
+        acts = lqa.model.target_activations(
+            batch, read_layers, adapter=CONTROL, grad=True, detach_between=cfg.per_layer
+        )
         loss = torch.stack([lqa.model.decoder_loss(batch, acts[layer], shift) for layer in read_layers]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,10 +88,7 @@ def steer(
 
 @torch.no_grad()
 def complete(
-    lqa: LatentQA,
-    prompts: Sequence[str | list[dict[str, str]]],
-    adapter: str | None = None,
-    max_new_tokens: int = 32,
+    lqa: LatentQA, prompts: Sequence[str | list[dict[str, str]]], adapter: str | None = None, max_new_tokens: int = 32
 ) -> list[str]:
     """Greedy replies of the target (adapter None) or of the target with a control adapter, to
     user prompts or whole dialogs (lists of messages)."""

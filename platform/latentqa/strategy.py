@@ -118,9 +118,7 @@ class Strategy:
         self.is_main = self.rank == 0
         # The launcher picks this rank's GPU (Ray Train calls torch.cuda.set_device).
         self.device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else torch.device("cpu")
+            torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         )
         self.step = 0
         """Optimizer steps taken (restored by ``load_training_state``)."""
@@ -357,7 +355,9 @@ class Strategy:
         state = torch.load(path, weights_only=True) if path.exists() else None
         if state is None or state["world_size"] != self.world_size:
             if self._ema is not None:
-                raise ValueError(f"{in_dir}: the moving average was saved by another number of ranks; resume on as many")
+                raise ValueError(
+                    f"{in_dir}: the moving average was saved by another number of ranks; resume on as many"
+                )
             log.info("%s: saved on another number of ranks; RNG streams start afresh", in_dir)
             return
         torch.set_rng_state(state["torch_rng"])
@@ -412,9 +412,7 @@ class Strategy:
         full = {k.removeprefix(prefix): v for k, v in full.items() if k.startswith(prefix)}
         # save_embedding_layers=False: with lm_head among target_modules PEFT's "auto" would also
         # save the frozen base lm_head (vocab x hidden), which only matters for resized vocabularies.
-        return get_peft_model_state_dict(
-            peft_model, state_dict=full, adapter_name=name, save_embedding_layers=False
-        )
+        return get_peft_model_state_dict(peft_model, state_dict=full, adapter_name=name, save_embedding_layers=False)
 
     def save_adapter(self, out_dir: Path, adapter_name: str) -> None:
         """Write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) that
@@ -430,9 +428,7 @@ class Strategy:
             config.save_pretrained(str(out_dir))
             write_target_identity(out_dir, peft_model.get_base_model().config)
             tensors = {k: v.detach().contiguous() for k, v in state.items()}
-            safetensors.torch.save_file(
-                tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"}
-            )
+            safetensors.torch.save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
         self.barrier()
 
     # ---------------------------------------------------------------- resume
@@ -572,9 +568,7 @@ class FSDPStrategy(Strategy):
             "offload_policy": offload,
         }
         if self.cfg.mixed_precision == "bf16":
-            kwargs["mp_policy"] = MixedPrecisionPolicy(
-                param_dtype=torch.bfloat16, reduce_dtype=torch.float32
-            )
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for block in decoder_blocks(model):
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)
@@ -685,10 +679,7 @@ class DeepSpeedStrategy(Strategy):
         self._record_trainable(model)
         optimizer = optimizer_factory(list(self._trainable_params))
         engine, _, _, scheduler = deepspeed.initialize(
-            model=model,
-            optimizer=optimizer,
-            lr_scheduler=scheduler_factory,
-            config=self.deepspeed_config(),
+            model=model, optimizer=optimizer, lr_scheduler=scheduler_factory, config=self.deepspeed_config()
         )
         self._model, self.optimizer, self.scheduler = engine, optimizer, scheduler
 
@@ -734,12 +725,9 @@ class DeepSpeedStrategy(Strategy):
 
     def load_training_state(self, in_dir: Path) -> dict[str, Any]:
         # Frozen weights were left out of the checkpoint, hence non-strict module loading.
-        _, client_state = self.model.load_checkpoint(
-            str(in_dir), tag=self._TAG, load_module_strict=False
-        )
+        _, client_state = self.model.load_checkpoint(str(in_dir), tag=self._TAG, load_module_strict=False)
         if client_state is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint {self._TAG!r} in {in_dir}")
         self.step = client_state["strategy_step"]
         self._load_rank_state(in_dir)
         return client_state["extra"]
-

@@ -19,9 +19,9 @@ answers) and the figures `choice_accuracy.png` and, with a layer map, `layer_map
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from .data import DatasetSpec, Example, load_examples
 from .evaluation import EvalResult, evaluate
@@ -59,8 +59,15 @@ class SuiteResult:
         if not tasks:
             return []
         items = next(iter(tasks.values())).items
-        rows = [{"label": item.label, "setting": item.setting, "question": item.question,
-                 "true_description": item.candidates[item.answer]} for item in items]  # fmt: skip
+        rows = [
+            {
+                "label": item.label,
+                "setting": item.setting,
+                "question": item.question,
+                "true_description": item.candidates[item.answer],
+            }
+            for item in items
+        ]
         for name, result in tasks.items():
             for condition in result.chosen:
                 for row, hit in zip(rows, result.correct(condition)):
@@ -92,11 +99,15 @@ class SuiteResult:
             for s, setting in enumerate(settings):
                 count = sum(item.setting == setting for item in result.items)
                 values = [result.accuracy(c, setting) for c in CONDITIONS]
-                ax.bar([i + s * width for i in range(len(CONDITIONS))], values, width, label=f"{setting} ({count} items)")
+                ax.bar(
+                    [i + s * width for i in range(len(CONDITIONS))], values, width, label=f"{setting} ({count} items)"
+                )
             k = len(result.items[0].candidates)
             ax.axhline(1 / k, color="grey", linestyle="--", linewidth=1, label=f"chance (1/{k})")
             ax.set_xticks([i + width * (len(settings) - 1) / 2 for i in range(len(CONDITIONS))], CONDITIONS)
-            ax.set(ylabel="top-1 accuracy", ylim=(0, 1), title=f"{k}-way identification of held-out labels: {titles[name]}")
+            ax.set(
+                ylabel="top-1 accuracy", ylim=(0, 1), title=f"{k}-way identification of held-out labels: {titles[name]}"
+            )
             ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out, dpi=120)
@@ -107,14 +118,27 @@ class SuiteResult:
         layers = sorted(self.layers)
         fig, (ax, gain_ax) = plt.subplots(1, 2, figsize=(12, 3.8))
         for condition, style in (("true", "o-"), ("shuffled", "s--")):
-            ax.plot(layers, [self.layers[layer].accuracy(condition) for layer in layers], style, label=f"{condition} activations")
+            ax.plot(
+                layers,
+                [self.layers[layer].accuracy(condition) for layer in layers],
+                style,
+                label=f"{condition} activations",
+            )
         ax.set(xlabel="read layer", ylabel="top-1 accuracy", ylim=(0, 1), title="identification by read layer")
         gain_ax.plot(layers, [self.layers[layer].activation_gain() for layer in layers], "o-", color="tab:green")
         gain_ax.axhline(0, color="grey", linewidth=1)
-        gain_ax.set(xlabel="read layer", ylabel="nats per answer token",
-                    title="activation gain by read layer\n(true description's loss, shuffled - true)")  # fmt: skip
+        gain_ax.set(
+            xlabel="read layer",
+            ylabel="nats per answer token",
+            title="activation gain by read layer\n(true description's loss, shuffled - true)",
+        )
         for axis in (ax, gain_ax):
-            axis.axvline(self.read_layer, color="grey", linestyle=":", label=f"the decoder was trained at layer {self.read_layer}")
+            axis.axvline(
+                self.read_layer,
+                color="grey",
+                linestyle=":",
+                label=f"the decoder was trained at layer {self.read_layer}",
+            )
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out, dpi=120)
@@ -130,9 +154,18 @@ def _pyplot():
     return plt
 
 
-def run_suite(lqa: LatentQA, spec: DatasetSpec, examples: Sequence[Example] | None = None, choices: int = 4,
-              read_layer: int | None = None, batch_size: int = 16, layers: Sequence[int] = (),
-              map_items: int | None = None, tasks: Sequence[str] = TASKS, max_new_tokens: int = 48) -> SuiteResult:  # fmt: skip
+def run_suite(
+    lqa: LatentQA,
+    spec: DatasetSpec,
+    examples: Sequence[Example] | None = None,
+    choices: int = 4,
+    read_layer: int | None = None,
+    batch_size: int = 16,
+    layers: Sequence[int] = (),
+    map_items: int | None = None,
+    tasks: Sequence[str] = TASKS,
+    max_new_tokens: int = 48,
+) -> SuiteResult:
     """The figures of `tasks` over the held-out set `spec` (`examples`: its examples, if already
     loaded). Identification items are built from the set's local files; a remote set gets the loss
     only. `layers` adds a layer map over the first `map_items` items (all when None)."""

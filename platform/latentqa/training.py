@@ -9,8 +9,8 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
@@ -18,7 +18,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from .config import ConfigError, LatentQAConfig, PatchConfig, TrainConfig
 from .layout import IGNORE_INDEX, Batch, LaidOutExample
 from .strategy import Strategy, StrategyConfig
-
 
 # Set through the train section, which the single-process CLI shares with the distributed job.
 _FROM_TRAIN = {"grad_accum_steps": "grad_accum", "max_grad_norm": "max_grad_norm", "ema_decay": "ema_decay"}

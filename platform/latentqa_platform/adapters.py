@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 from latentqa.config import LatentQAConfig
 from latentqa.models import AdapterSet
@@ -63,7 +64,11 @@ class AdapterCatalog:
         for a registered one (aliases resolved now, so a moved alias is seen). 404 otherwise."""
         if ref in self.named:
             uri = self.named[ref]
-            return self._registered(uri.removeprefix("models:/"), field, check_kind=False) if uri.startswith("models:/") else f"{self.kind}:{ref}"
+            return (
+                self._registered(uri.removeprefix("models:/"), field, check_kind=False)
+                if uri.startswith("models:/")
+                else f"{self.kind}:{ref}"
+            )
         return self._registered(ref, field, check_kind=True)
 
     def _registered(self, ref: str, field: str, check_kind: bool) -> str:
@@ -71,10 +76,17 @@ class AdapterCatalog:
 
         match = REGISTRY_REF.match(ref)
         if not match:
-            raise UnknownAdapter(field, f"unknown {self.kind} {ref!r}: not configured, and not a registered `name/version` or `name@alias`")
+            raise UnknownAdapter(
+                field,
+                f"unknown {self.kind} {ref!r}: not configured, and not a registered `name/version` or `name@alias`",
+            )
         name, version, alias = match["name"], match["version"], match["alias"]
         try:
-            found = self._client().get_model_version(name, version) if version else self._client().get_model_version_by_alias(name, alias)
+            found = (
+                self._client().get_model_version(name, version)
+                if version
+                else self._client().get_model_version_by_alias(name, alias)
+            )
         except MlflowException:
             raise UnknownAdapter(field, f"unknown {self.kind} {ref!r}: no such registered model version") from None
         is_control = found.tags.get(KIND_TAG) == "control"
@@ -98,9 +110,15 @@ class AdapterCatalog:
             if exclude_prefix and model.name.startswith(exclude_prefix):
                 continue
             versions = sorted(int(v.version) for v in model.latest_versions or [])
-            rows.append({"name": model.name, "source": f"models:/{model.name}", "kind": "registered",
-                         "latest_version": versions[-1] if versions else None,
-                         "aliases": sorted(model.aliases or {})})  # fmt: skip
+            rows.append(
+                {
+                    "name": model.name,
+                    "source": f"models:/{model.name}",
+                    "kind": "registered",
+                    "latest_version": versions[-1] if versions else None,
+                    "aliases": sorted(model.aliases or {}),
+                }
+            )
         return rows
 
 

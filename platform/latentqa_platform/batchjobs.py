@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from latentqa.config import ConfigError, LatentQAConfig
 
@@ -16,16 +16,23 @@ from .adapters import fetch_adapter
 from .settings import JobSettings, load_job_config, tracking_uri
 
 
-def parse(prog: str, description: str, argv: list[str] | None,
-          add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
-          epilog: str | None = None) -> tuple[argparse.Namespace, LatentQAConfig, JobSettings]:  # fmt: skip
+def parse(
+    prog: str,
+    description: str,
+    argv: list[str] | None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+    epilog: str | None = None,
+) -> tuple[argparse.Namespace, LatentQAConfig, JobSettings]:
     """The job's own flags, then `--config FILE.yaml` and dotted overrides for every section;
     raises ConfigError naming the field."""
     parser = argparse.ArgumentParser(
-        prog=prog, allow_abbrev=False, description=description + " Any config field is an override: "
+        prog=prog,
+        allow_abbrev=False,
+        description=description + " Any config field is an override: "
         "--patch.read_layer 15, --ray.cpus_per_worker 1, --mlflow.tracking_uri URI.",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", type=Path, help="YAML file of config sections (engine + ray + mlflow)")
     add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)

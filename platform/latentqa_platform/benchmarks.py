@@ -24,8 +24,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -80,17 +80,39 @@ def paired_ratio(measured: list[float], baseline: list[float]) -> float:
     return statistics.median(m / b for m, b in zip(measured, baseline))
 
 
-def row(name: str, measured: float, baseline: float, unit: str, ratio: float, target: str, met: bool | None, **details) -> dict:
-    return {"name": name, "measured": measured, "baseline": baseline, "unit": unit, "ratio": ratio,
-            "target": target, "met": met, "details": details}  # fmt: skip
+def row(
+    name: str, measured: float, baseline: float, unit: str, ratio: float, target: str, met: bool | None, **details
+) -> dict:
+    return {
+        "name": name,
+        "measured": measured,
+        "baseline": baseline,
+        "unit": unit,
+        "ratio": ratio,
+        "target": target,
+        "met": met,
+        "details": details,
+    }
 
 
 def _timed_row(name: str, times: dict[str, list[float]], limit: float | None, target: str, **details) -> dict:
     (a, ta), (b, tb) = list(times.items())[:2]
     ratio = paired_ratio(ta, tb)
-    return row(name, statistics.median(ta), statistics.median(tb), "s", ratio, target,
-               None if limit is None else ratio <= limit, measured_is=a, baseline_is=b,
-               repeats=len(ta), measured_all=ta, baseline_all=tb, **details)  # fmt: skip
+    return row(
+        name,
+        statistics.median(ta),
+        statistics.median(tb),
+        "s",
+        ratio,
+        target,
+        None if limit is None else ratio <= limit,
+        measured_is=a,
+        baseline_is=b,
+        repeats=len(ta),
+        measured_all=ta,
+        baseline_all=tb,
+        **details,
+    )
 
 
 # ---------------------------------------------------------------- the benchmark model
@@ -118,8 +140,16 @@ class ModelSize:
         return self.layers * (attn + mlp + 2 * self.hidden) + embed + self.hidden
 
 
-LLAMA3_8B = ModelSize(hidden=4096, layers=32, intermediate=14336, heads=32, kv_heads=8, vocab=128256,
-                      tie_embeddings=False, max_positions=8192)  # fmt: skip
+LLAMA3_8B = ModelSize(
+    hidden=4096,
+    layers=32,
+    intermediate=14336,
+    heads=32,
+    kv_heads=8,
+    vocab=128256,
+    tie_embeddings=False,
+    max_positions=8192,
+)
 MEMORY_DEFAULT = ModelSize(hidden=1024, layers=24, intermediate=2816, heads=16, kv_heads=8, vocab=32000)
 
 
@@ -127,24 +157,41 @@ def write_model_dir(size: ModelSize, vocab: int, folder: Path) -> Path:
     from transformers import LlamaConfig
 
     LlamaConfig(
-        vocab_size=size.vocab or vocab, hidden_size=size.hidden, intermediate_size=size.intermediate,
-        num_hidden_layers=size.layers, num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
-        max_position_embeddings=size.max_positions, tie_word_embeddings=size.tie_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta}, bos_token_id=0, eos_token_id=4,
+        vocab_size=size.vocab or vocab,
+        hidden_size=size.hidden,
+        intermediate_size=size.intermediate,
+        num_hidden_layers=size.layers,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.kv_heads,
+        max_position_embeddings=size.max_positions,
+        tie_word_embeddings=size.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": size.rope_theta},
+        bos_token_id=0,
+        eos_token_id=4,
         pad_token_id=5,
-    ).save_pretrained(folder)  # fmt: skip
+    ).save_pretrained(folder)
     return folder
 
 
-def engine_config(model_dir: Path, tokenizer: Path, read_layer: int, device: str = "cpu", dtype: str = "float32", **train):
+def engine_config(
+    model_dir: Path, tokenizer: Path, read_layer: int, device: str = "cpu", dtype: str = "float32", **train
+):
     from latentqa.config import load_config
 
-    return load_config(overrides={
-        "model": {"path": str(model_dir), "tokenizer": str(tokenizer), "weights": "random", "device": device, "dtype": dtype},
-        "patch": {"read_layer": read_layer},
-        "data": {"train": {"path": str(OFFLINE_TRAIN)}, "eval": None},
-        "train": {"eval_every": 0, **train},
-    })  # fmt: skip
+    return load_config(
+        overrides={
+            "model": {
+                "path": str(model_dir),
+                "tokenizer": str(tokenizer),
+                "weights": "random",
+                "device": device,
+                "dtype": dtype,
+            },
+            "patch": {"read_layer": read_layer},
+            "data": {"train": {"path": str(OFFLINE_TRAIN)}, "eval": None},
+            "train": {"eval_every": 0, **train},
+        }
+    )
 
 
 def _vocab(tokenizer: Path) -> int:
@@ -193,14 +240,27 @@ def read_overhead(lqa, repeats: int, questions: int = 15, max_new_tokens: int = 
 
     def plain_generate():
         with lqa.model.evaluating(), lqa.model.adapters.use(DECODER):
-            out = peft.generate(input_ids=batch.write_ids, attention_mask=batch.write_attention, do_sample=False,
-                                max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                                pad_token_id=lqa.chat_format.pad_id)  # fmt: skip
+            out = peft.generate(
+                input_ids=batch.write_ids,
+                attention_mask=batch.write_attention,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                min_new_tokens=max_new_tokens,
+                pad_token_id=lqa.chat_format.pad_id,
+            )
         produced["generate"] = out.shape[1] - batch.write_ids.shape[1]
 
     times = interleaved({"patched read": patched_read, "HF generate (KV cache)": plain_generate}, repeats)
-    return _timed_row("read overhead", times, 1.25, "<= 1.25x", questions=questions, new_tokens=max_new_tokens,
-                      generate_new_tokens=produced["generate"], prompt_tokens=int(batch.write_ids.shape[1]))
+    return _timed_row(
+        "read overhead",
+        times,
+        1.25,
+        "<= 1.25x",
+        questions=questions,
+        new_tokens=max_new_tokens,
+        generate_new_tokens=produced["generate"],
+        prompt_tokens=int(batch.write_ids.shape[1]),
+    )
 
 
 # ---------------------------------------------------------------- 2. train step
@@ -240,13 +300,19 @@ def train_step_overhead(lqa, repeats: int, batch_size: int = 8) -> dict:
         inner.layers = all_layers[: layer + 1]  # blocks 0..L only, no hooks
         try:  # the engine's own switch: one flag per adapter layer, the least any plain target costs
             with torch.no_grad(), lqa.model.adapters.use(None):
-                inner(input_ids=batch.read_ids, attention_mask=batch.read_attention, position_ids=read_pos, use_cache=False)
+                inner(
+                    input_ids=batch.read_ids,
+                    attention_mask=batch.read_attention,
+                    position_ids=read_pos,
+                    use_cache=False,
+                )
         finally:
             inner.layers = all_layers
 
     def decoder_part():
-        hidden = inner(input_ids=batch.write_ids, attention_mask=batch.write_attention, position_ids=write_pos,
-                       use_cache=False).last_hidden_state  # fmt: skip
+        hidden = inner(
+            input_ids=batch.write_ids, attention_mask=batch.write_attention, position_ids=write_pos, use_cache=False
+        ).last_hidden_state
         targets = batch.labels[:, 1:]
         keep = targets != IGNORE_INDEX
         logits = causal.get_output_embeddings()(hidden[:, :-1][keep])
@@ -263,12 +329,21 @@ def train_step_overhead(lqa, repeats: int, batch_size: int = 8) -> dict:
 
     times = interleaved({"engine step": engine, "bare parts": parts}, repeats)
     # the split of the bare parts, for the report
-    split = interleaved({"target to L": target_part, "decoder fwd/bwd+adamw": decoder_part}, max(1, repeats // 2), warmup=0)
+    split = interleaved(
+        {"target to L": target_part, "decoder fwd/bwd+adamw": decoder_part}, max(1, repeats // 2), warmup=0
+    )
     peft.eval()
-    return _timed_row("train step", times, 1.1, "<= 1.1x", batch_size=batch_size, read_layer=layer,
-                      target_part_s=statistics.median(split["target to L"]),
-                      decoder_part_s=statistics.median(split["decoder fwd/bwd+adamw"]),
-                      tokens=int(batch.read_attention.sum() + batch.write_attention.sum()))  # fmt: skip
+    return _timed_row(
+        "train step",
+        times,
+        1.1,
+        "<= 1.1x",
+        batch_size=batch_size,
+        read_layer=layer,
+        target_part_s=statistics.median(split["target to L"]),
+        decoder_part_s=statistics.median(split["decoder fwd/bwd+adamw"]),
+        tokens=int(batch.read_attention.sum() + batch.write_attention.sum()),
+    )
 
 
 # ---------------------------------------------------------------- 4. early exit
@@ -293,8 +368,13 @@ def early_exit(lqa, repeats: int, batch_size: int = 8, tolerance: float = 0.2) -
 
     def full():
         with lqa.model.evaluating(), lqa.model.adapters.use(None):
-            out = peft(input_ids=batch.read_ids, attention_mask=batch.read_attention, position_ids=pos, use_cache=False,
-                       output_hidden_states=not hidden)  # fmt: skip
+            out = peft(
+                input_ids=batch.read_ids,
+                attention_mask=batch.read_attention,
+                position_ids=pos,
+                use_cache=False,
+                output_hidden_states=not hidden,
+            )
             if out.hidden_states is not None:
                 hidden["last"] = out.hidden_states[-1]
 
@@ -307,8 +387,16 @@ def early_exit(lqa, repeats: int, batch_size: int = 8, tolerance: float = 0.2) -
     share = paired_ratio(head_times["head"], head_times["full"])
     expected = (layer + 1) / n * (1 - share)
     ratio = paired_ratio(times["to read layer"], times["full forward + logits"])
-    result = _timed_row("early exit", times, None, f"~(L+1)/N x (1-head share) = {expected:.3f} (+-{tolerance:.0%})",
-                        read_layer=layer, num_layers=n, head_share=share, expected_ratio=expected)  # fmt: skip
+    result = _timed_row(
+        "early exit",
+        times,
+        None,
+        f"~(L+1)/N x (1-head share) = {expected:.3f} (+-{tolerance:.0%})",
+        read_layer=layer,
+        num_layers=n,
+        head_share=share,
+        expected_ratio=expected,
+    )
     result["met"] = abs(ratio / expected - 1) <= tolerance
     return result
 
@@ -324,16 +412,22 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
     head on the labelled positions only; no hooks, no patching, no layout."""
     from latentqa.identification import CONDITIONS, choice_items, condition_write_side, multiple_choice, scoring_batches
     from latentqa.layout import IGNORE_INDEX, LaidOutExample
-    from latentqa.paths import OFFLINE_HELDOUT
     from latentqa.patching import positions
+    from latentqa.paths import OFFLINE_HELDOUT
 
     chosen = choice_items(OFFLINE_HELDOUT, k=4)[:items]
     layer = lqa.config.patch.read_layer
     reads = [lqa.layout.read_side(item.dialog) for item in chosen]
-    first = [LaidOutExample(r, condition_write_side(lqa, "true", item, r, item.candidates[0])) for r, item in zip(reads, chosen)]
+    first = [
+        LaidOutExample(r, condition_write_side(lqa, "true", item, r, item.candidates[0]))
+        for r, item in zip(reads, chosen)
+    ]
     target_batches = [lqa.collate(first[i : i + batch_size]) for i in range(0, len(first), batch_size)]
-    scoring = [(batch, adapter) for condition in CONDITIONS  # as the suite scores them
-               for _, batch, adapter in scoring_batches(lqa, chosen, reads, condition, batch_size)]  # fmt: skip
+    scoring = [
+        (batch, adapter)
+        for condition in CONDITIONS  # as the suite scores them
+        for _, batch, adapter in scoring_batches(lqa, chosen, reads, condition, batch_size)
+    ]
     causal = lqa.model.peft_model.get_base_model()
     inner = causal.get_decoder()
     all_layers = inner.layers
@@ -348,29 +442,46 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
             try:
                 with lqa.model.adapters.use(None):
                     for batch in target_batches:
-                        inner(input_ids=batch.read_ids, attention_mask=batch.read_attention,
-                              position_ids=positions(batch.read_attention), use_cache=False)  # fmt: skip
+                        inner(
+                            input_ids=batch.read_ids,
+                            attention_mask=batch.read_attention,
+                            position_ids=positions(batch.read_attention),
+                            use_cache=False,
+                        )
             finally:
                 inner.layers = all_layers
             for batch, adapter in scoring:
                 with lqa.model.adapters.use(adapter):
-                    hidden = inner(input_ids=batch.write_ids, attention_mask=batch.write_attention,
-                                   position_ids=lqa.model.decoder_position_ids(batch, shift), use_cache=False).last_hidden_state
+                    hidden = inner(
+                        input_ids=batch.write_ids,
+                        attention_mask=batch.write_attention,
+                        position_ids=lqa.model.decoder_position_ids(batch, shift),
+                        use_cache=False,
+                    ).last_hidden_state
                     keep = batch.labels[:, 1:] != IGNORE_INDEX
                     causal.get_output_embeddings()(hidden[:, :-1][keep])
 
     lqa.model.eval()
     times = interleaved({"suite (multiple choice)": suite, "bare forwards": bare}, repeats)
-    return _timed_row("evaluation suite (multiple choice)", times, 1.25, "<= 1.25x", items=len(chosen), candidates=4,
-                      conditions=len(CONDITIONS), scored_rows=sum(len(b) for b, _ in scoring),
-                      target_passes=len(target_batches))  # fmt: skip
+    return _timed_row(
+        "evaluation suite (multiple choice)",
+        times,
+        1.25,
+        "<= 1.25x",
+        items=len(chosen),
+        candidates=4,
+        conditions=len(CONDITIONS),
+        scored_rows=sum(len(b) for b, _ in scoring),
+        target_passes=len(target_batches),
+    )
 
 
 # ---------------------------------------------------------------- 5. layout
 
 
-def layout_throughput(repeats: int, examples: int = 300, data: Path = PAPER_TRAIN, tokenizer: Path = LLAMA3_TOKENIZER,
-                      floor: float = 0.5) -> dict:  # fmt: skip
+def layout_throughput(
+    repeats: int, examples: int = 300, data: Path = PAPER_TRAIN, tokenizer: Path = LLAMA3_TOKENIZER, floor: float = 0.5
+) -> dict:
     """Examples/s of the engine's layout (train mode) vs bare tokenizer calls on the same strings
     (each example's rendered read dialog and decoder dialog, one call per example, as the layout
     makes one per side)."""
@@ -392,8 +503,12 @@ def layout_throughput(repeats: int, examples: int = 300, data: Path = PAPER_TRAI
         dialog = read_dialog(ex.record)
         read_text = fmt.render(dialog.messages, add_generation_prompt=dialog.add_generation_prompt).text
         role = fmt.decoder_role
-        write = [{"role": "user", "content": "?"}, {"role": role, "content": ACKNOWLEDGEMENT},
-                 {"role": "user", "content": ex.question}, {"role": role, "content": ex.answer}]  # fmt: skip
+        write = [
+            {"role": "user", "content": "?"},
+            {"role": role, "content": ACKNOWLEDGEMENT},
+            {"role": "user", "content": ex.question},
+            {"role": role, "content": ex.answer},
+        ]
         texts.append([read_text, fmt.render(write).text])
 
     def engine():
@@ -408,10 +523,23 @@ def layout_throughput(repeats: int, examples: int = 300, data: Path = PAPER_TRAI
     layout_rate = [len(chosen) / t for t in times["layout"]]
     bare_rate = [len(chosen) / t for t in times["bare tokenizer"]]
     ratio = paired_ratio(layout_rate, bare_rate)
-    return row("layout", statistics.median(layout_rate), statistics.median(bare_rate), "examples/s", ratio,
-               f">= {floor:g}x", ratio >= floor, measured_is="Layout.example (train)",
-               baseline_is="tokenizer(pair) per example", repeats=repeats, measured_all=layout_rate,
-               baseline_all=bare_rate, examples=len(chosen), data=str(data), tokenizer=str(tokenizer))  # fmt: skip
+    return row(
+        "layout",
+        statistics.median(layout_rate),
+        statistics.median(bare_rate),
+        "examples/s",
+        ratio,
+        f">= {floor:g}x",
+        ratio >= floor,
+        measured_is="Layout.example (train)",
+        baseline_is="tokenizer(pair) per example",
+        repeats=repeats,
+        measured_all=layout_rate,
+        baseline_all=bare_rate,
+        examples=len(chosen),
+        data=str(data),
+        tokenizer=str(tokenizer),
+    )
 
 
 # ---------------------------------------------------------------- 3. memory (fresh subprocesses)
@@ -455,7 +583,11 @@ def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) ->
     n_params = sum(p.numel() for p in base.parameters())
 
     def loss_of(model, ids, attention, labels):
-        hidden = model.get_base_model().get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False).last_hidden_state
+        hidden = (
+            model.get_base_model()
+            .get_decoder()(input_ids=ids, attention_mask=attention, use_cache=False)
+            .last_hidden_state
+        )
         keep = labels[:, 1:] != -100
         logits = model.get_base_model().get_output_embeddings()(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), labels[:, 1:][keep])
@@ -483,7 +615,12 @@ def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) ->
         decoder.train()
         for _ in range(steps):
             with torch.no_grad():
-                base(input_ids=batch.read_ids, attention_mask=batch.read_attention, output_hidden_states=True, use_cache=False)
+                base(
+                    input_ids=batch.read_ids,
+                    attention_mask=batch.read_attention,
+                    output_hidden_states=True,
+                    use_cache=False,
+                )
             loss_of(decoder, batch.write_ids, batch.write_attention, batch.labels).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -501,11 +638,25 @@ def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | Non
         peaks: dict[str, list[dict]] = {"engine": [], "base+adapter": [], "two copies": []}
         for _ in range(repeats):
             for setup in peaks:
-                env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "platform"), os.environ.get("PYTHONPATH", "")])}
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "platform"), os.environ.get("PYTHONPATH", "")]),
+                }
                 out = subprocess.run(
-                    [sys.executable, "-m", "latentqa_platform.benchmarks", "memory-setup", setup, str(model_dir), str(layer)],
-                    capture_output=True, text=True, env=env, check=False,
-                )  # fmt: skip
+                    [
+                        sys.executable,
+                        "-m",
+                        "latentqa_platform.benchmarks",
+                        "memory-setup",
+                        setup,
+                        str(model_dir),
+                        str(layer),
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=False,
+                )
                 if out.returncode != 0:
                     raise RuntimeError(f"memory setup {setup!r} failed:\n{out.stderr[-3000:]}")
                 peaks[setup].append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -516,11 +667,23 @@ def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | Non
     imports = statistics.median(p["after_import_mb"] for v in peaks.values() for p in v)
     net_floor = [f - imports for f in floor]
     net = paired_ratio([e - imports for e in engine], net_floor) if min(net_floor) > 0 else None
-    return row("memory", statistics.median(engine), statistics.median(floor), "MB peak RSS", ratio, f"<= {limit:g}x",
-               ratio <= limit, measured_is="engine (one base, target + decoder + AdamW)",
-               baseline_is="one base + adapter + AdamW", base_parameters=peaks["engine"][0]["base_parameters"],
-               two_copies_mb=statistics.median(two), ratio_vs_two_copies=paired_ratio(engine, two),
-               after_import_mb=imports, net_ratio_above_imports=net, repeats=repeats)  # fmt: skip
+    return row(
+        "memory",
+        statistics.median(engine),
+        statistics.median(floor),
+        "MB peak RSS",
+        ratio,
+        f"<= {limit:g}x",
+        ratio <= limit,
+        measured_is="engine (one base, target + decoder + AdamW)",
+        baseline_is="one base + adapter + AdamW",
+        base_parameters=peaks["engine"][0]["base_parameters"],
+        two_copies_mb=statistics.median(two),
+        ratio_vs_two_copies=paired_ratio(engine, two),
+        after_import_mb=imports,
+        net_ratio_above_imports=net,
+        repeats=repeats,
+    )
 
 
 # ---------------------------------------------------------------- 6. Ray Train overhead
@@ -546,8 +709,15 @@ def _train_step_times(ctx: dict) -> list[float]:
         for i in range(skip, ctx["steps"]):
             yield batches[i % len(batches)].to(strategy.device)
 
-    fit(strategy, epoch_batches, ctx["steps"], config.train, config.patch, TrainProgress(),
-        on_step=lambda progress, metrics: stamps.append(time.perf_counter()))  # fmt: skip
+    fit(
+        strategy,
+        epoch_batches,
+        ctx["steps"],
+        config.train,
+        config.patch,
+        TrainProgress(),
+        on_step=lambda progress, metrics: stamps.append(time.perf_counter()),
+    )
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
 
@@ -589,11 +759,25 @@ def ray_overhead(config, repeats: int, steps: int = 12, warmup: int = 3, threads
             finally:
                 torch.set_num_threads(previous)
     ratio = paired_ratio(ray_medians, local_medians)
-    return row("Ray Train overhead", statistics.median(ray_medians), statistics.median(local_medians), "s/step", ratio,
-               f"<= {limit:g}x", ratio <= limit, measured_is="fit under Ray Train, 1 worker (ddp)",
-               baseline_is="fit in one process (local)", steps=steps, warmup_steps=warmup, threads=threads,
-               batch_size=config.train.batch_size, repeats=repeats, measured_all=ray_medians,
-               baseline_all=local_medians, ray_initialized=ray.is_initialized())  # fmt: skip
+    return row(
+        "Ray Train overhead",
+        statistics.median(ray_medians),
+        statistics.median(local_medians),
+        "s/step",
+        ratio,
+        f"<= {limit:g}x",
+        ratio <= limit,
+        measured_is="fit under Ray Train, 1 worker (ddp)",
+        baseline_is="fit in one process (local)",
+        steps=steps,
+        warmup_steps=warmup,
+        threads=threads,
+        batch_size=config.train.batch_size,
+        repeats=repeats,
+        measured_all=ray_medians,
+        baseline_all=local_medians,
+        ray_initialized=ray.is_initialized(),
+    )
 
 
 def start_ray(num_cpus: int = 4) -> None:
@@ -604,15 +788,28 @@ def start_ray(num_cpus: int = 4) -> None:
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     path = os.pathsep.join([str(PROJECT_ROOT), str(PROJECT_ROOT / "platform")])
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": path}})  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
+    )
 
 
 # ---------------------------------------------------------------- GPU preset (one shot)
 
 
-def gpu_preset(size: ModelSize, device: str, repeats: int, tokenizer: Path, batch_size: int = 4, read_layer: int = 15,
-               peak_tflops: float = 989.0, dtype: str = "bfloat16") -> list[dict]:  # fmt: skip
+def gpu_preset(
+    size: ModelSize,
+    device: str,
+    repeats: int,
+    tokenizer: Path,
+    batch_size: int = 4,
+    read_layer: int = 15,
+    peak_tflops: float = 989.0,
+    dtype: str = "bfloat16",
+) -> list[dict]:
     """A randomly initialised model of `size` (e.g. Llama-3-8B) in `dtype` on `device`: train-step
     tokens/s and model FLOPs utilisation, read latency (1 dialog x 15 questions x 64 tokens) and
     peak device memory. FLOPs per step (matmuls only; B the blocks' weights, H the LM head's):
@@ -643,7 +840,9 @@ def gpu_preset(size: ModelSize, device: str, repeats: int, tokenizer: Path, batc
     block_params = params - embed - (0 if size.tie_embeddings else head)  # the embedding is a lookup, not a matmul
     read_tokens, write_tokens = int(batch.read_attention.sum()), int(batch.write_attention.sum())
     label_tokens = int((batch.labels[:, 1:] != IGNORE_INDEX).sum())  # the engine runs the head on these only
-    flops = 2 * block_params * read_tokens * (layer + 1) / size.layers + 4 * (block_params * write_tokens + head * label_tokens)
+    flops = 2 * block_params * read_tokens * (layer + 1) / size.layers + 4 * (
+        block_params * write_tokens + head * label_tokens
+    )
 
     def step():
         strategy.model.train()
@@ -657,13 +856,42 @@ def gpu_preset(size: ModelSize, device: str, repeats: int, tokenizer: Path, batc
     peak_mb = torch.cuda.max_memory_allocated() / 2**20 if cuda else _rss_mb()
     achieved = flops / t_step
     return [
-        row("gpu train step", (read_tokens + write_tokens) / t_step, None, "tokens/s", None, "report", None,
-            step_s=t_step, batch_size=batch_size, read_layer=layer, parameters=params, dtype=dtype, device=device),
-        row("gpu MFU", achieved / 1e12, peak_tflops, "TFLOP/s", achieved / (peak_tflops * 1e12), "report", None,
-            flops_per_step=flops),
-        row("gpu read latency", statistics.median(read_times), None, "s (1 dialog x 15 q x 64 tokens)", None, "report", None),
+        row(
+            "gpu train step",
+            (read_tokens + write_tokens) / t_step,
+            None,
+            "tokens/s",
+            None,
+            "report",
+            None,
+            step_s=t_step,
+            batch_size=batch_size,
+            read_layer=layer,
+            parameters=params,
+            dtype=dtype,
+            device=device,
+        ),
+        row(
+            "gpu MFU",
+            achieved / 1e12,
+            peak_tflops,
+            "TFLOP/s",
+            achieved / (peak_tflops * 1e12),
+            "report",
+            None,
+            flops_per_step=flops,
+        ),
+        row(
+            "gpu read latency",
+            statistics.median(read_times),
+            None,
+            "s (1 dialog x 15 q x 64 tokens)",
+            None,
+            "report",
+            None,
+        ),
         row("gpu peak memory", peak_mb, None, "MiB" + (" allocated" if cuda else " RSS"), None, "report", None),
-    ]  # fmt: skip
+    ]
 
 
 # ---------------------------------------------------------------- reports
@@ -680,9 +908,16 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| figure | measured | baseline | unit | ratio | target | met |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| figure | measured | baseline | unit | ratio | target | met |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[k]) for k in ("name", "measured", "baseline", "unit", "ratio", "target", "met")) + " |")
+        lines.append(
+            "| "
+            + " | ".join(_fmt(r[k]) for k in ("name", "measured", "baseline", "unit", "ratio", "target", "met"))
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -690,10 +925,15 @@ def machine() -> dict:
     import platform
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"host": platform.node(), "cpu_count": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "load_average_at_start": load}  # fmt: skip
+    return {
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_at_start": load,
+    }
 
 
 def plot(rows: list[dict], out: Path) -> Path | None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import re
 import tempfile
 import uuid
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from latentqa.data import QAPair
 from latentqa.models import CONTROL
@@ -30,7 +30,9 @@ _STATUS = {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded",
 
 def open_job(settings: MlflowSettings, output_dir: Path, name: str, params: dict[str, str]) -> RunRef:
     """A new MLflow run for a control job (never a reopened one: the run name is unique)."""
-    run = open_run(settings, output_dir, f"control-{name}-{uuid.uuid4().hex[:8]}", params, {KIND_TAG: JOB_KIND, NAME_TAG: name})
+    run = open_run(
+        settings, output_dir, f"control-{name}-{uuid.uuid4().hex[:8]}", params, {KIND_TAG: JOB_KIND, NAME_TAG: name}
+    )
     run.client().update_run(run.run_id, status="SCHEDULED")
     return run
 
@@ -72,9 +74,19 @@ def train_control(
     return adapter
 
 
-def run_job(lqa: LatentQA, run: RunRef, registered_name: str, qa: Sequence[QAPair] | None, instruction: str | None,
-            questions: Sequence[str], prompts: Sequence[str], tags: dict[str, str], steps: int | None = None,
-            lr: float | None = None, heldout: Sequence[str] = ()) -> str | None:  # fmt: skip
+def run_job(
+    lqa: LatentQA,
+    run: RunRef,
+    registered_name: str,
+    qa: Sequence[QAPair] | None,
+    instruction: str | None,
+    questions: Sequence[str],
+    prompts: Sequence[str],
+    tags: dict[str, str],
+    steps: int | None = None,
+    lr: float | None = None,
+    heldout: Sequence[str] = (),
+) -> str | None:
     """A whole control job; the target's replies to `heldout` prompts without and with the new
     control are logged as `completions.json`. A failure ends the run FAILED with the error as a
     tag, and is not raised: the run is what the caller reports."""

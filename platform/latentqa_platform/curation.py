@@ -29,10 +29,11 @@ import re
 import string
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import httpx
 import numpy as np
@@ -80,7 +81,7 @@ class LLMSettings(_Strict):
     max_tokens: int = Field(1024, ge=1)
 
     @model_validator(mode="after")
-    def _exact_bound(self) -> "LLMSettings":
+    def _exact_bound(self) -> LLMSettings:
         if self.max_in_flight % self.workers:
             raise ValueError(f"max_in_flight ({self.max_in_flight}) must be a multiple of workers ({self.workers})")
         return self
@@ -196,7 +197,15 @@ def seed_rows(reply: object, row: dict, config: CurationConfig) -> list[dict]:
             raise ReplyError(f"controls[{index}]: field 'name': expected a non-empty string")
         label = f"{row['kind']}-{_slug(item['name'])}"
         _check([{"control_user": item.get("instruction"), "label": label}], f"controls[{index}]")
-        out.append({"id": label, "label": label, "kind": row["kind"], "category": row["category"], "instruction": item["instruction"]})
+        out.append(
+            {
+                "id": label,
+                "label": label,
+                "kind": row["kind"],
+                "category": row["category"],
+                "instruction": item["instruction"],
+            }
+        )
     return out
 
 
@@ -230,14 +239,24 @@ class Stage:
 
 
 LLM_STAGES = {
-    "seed": Stage("seed", "controls.jsonl", seed_rows,
-                  lambda r, c: {"kind": r["kind"], "category": r["category"], "n": c.counts.controls_per_category},
-                  lambda r: r["instruction"]),
-    "expand": Stage("expand", "dialogs.jsonl", expand_rows,
-                    lambda r, c: {"kind": r["kind"], "category": r["category"], "instruction": r["instruction"]},
-                    lambda r: r["record"]["control_user"]),
-    "qa": Stage("qa", "qa.jsonl", qa_rows, lambda r, c: {"instruction": r["instruction"], "n": c.counts.qa_pairs}, None),
-}  # fmt: skip
+    "seed": Stage(
+        "seed",
+        "controls.jsonl",
+        seed_rows,
+        lambda r, c: {"kind": r["kind"], "category": r["category"], "n": c.counts.controls_per_category},
+        lambda r: r["instruction"],
+    ),
+    "expand": Stage(
+        "expand",
+        "dialogs.jsonl",
+        expand_rows,
+        lambda r, c: {"kind": r["kind"], "category": r["category"], "instruction": r["instruction"]},
+        lambda r: r["record"]["control_user"],
+    ),
+    "qa": Stage(
+        "qa", "qa.jsonl", qa_rows, lambda r, c: {"instruction": r["instruction"], "n": c.counts.qa_pairs}, None
+    ),
+}
 
 
 def parse_reply(text: str) -> object:
@@ -294,8 +313,11 @@ class Caller:
         self.config = CurationConfig.model_validate_json(config_json)
         self.stage, self.prompts = LLM_STAGES[stage], load_prompts(self.config.prompts)
         llm = self.config.llm
-        self.client = httpx.Client(base_url=llm.base_url.rstrip("/") + "/", timeout=llm.timeout_s,
-                                   headers={"Authorization": f"Bearer {api_key}"} if api_key else {})  # fmt: skip
+        self.client = httpx.Client(
+            base_url=llm.base_url.rstrip("/") + "/",
+            timeout=llm.timeout_s,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else {},
+        )
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="curation")
 
     def __call__(self, batch: dict) -> dict:
@@ -320,8 +342,12 @@ class Caller:
 
     def complete(self, prompt: str, result: dict) -> str:
         llm = self.config.llm
-        body = {"model": llm.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": llm.temperature, "max_tokens": llm.max_tokens}  # fmt: skip
+        body = {
+            "model": llm.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": llm.temperature,
+            "max_tokens": llm.max_tokens,
+        }
         problem = ""
         for attempt in range(llm.max_retries + 1):
             if not ray.get(self.budget.take.remote()):
@@ -411,7 +437,11 @@ class Dedup:
             norm = _normal(text)
             for other, other_label in self.texts.items():
                 matcher = difflib.SequenceMatcher(None, norm, other)
-                if matcher.real_quick_ratio() >= self.ratio and matcher.quick_ratio() >= self.ratio and matcher.ratio() >= self.ratio:
+                if (
+                    matcher.real_quick_ratio() >= self.ratio
+                    and matcher.quick_ratio() >= self.ratio
+                    and matcher.ratio() >= self.ratio
+                ):
                     return f"near-duplicate of {other_label!r}"
         return None
 
@@ -422,8 +452,11 @@ class Dedup:
 
 
 def _seed_inputs(config: CurationConfig) -> list[dict]:
-    return [{"id": f"{kind}:{category}", "kind": kind, "category": category}
-            for kind, categories in config.categories.items() for category in categories]  # fmt: skip
+    return [
+        {"id": f"{kind}:{category}", "kind": kind, "category": category}
+        for kind, categories in config.categories.items()
+        for category in categories
+    ]
 
 
 def _stage_inputs(stage: str, config: CurationConfig) -> list[dict]:
@@ -442,12 +475,21 @@ def run_llm_stage(stage_name: str, config: CurationConfig, prompts: Prompts, bud
     done_rows = read_jsonl(output)
     mixed = {r.get("prompt_sha") for r in done_rows} - {prompts.sha}
     if mixed:
-        raise ConfigError(f"{output} was written with other prompts ({', '.join(sorted(map(str, mixed)))}; these are "
-                          f"{prompts.version} {prompts.sha}): choose a new output_dir")  # fmt: skip
+        raise ConfigError(
+            f"{output} was written with other prompts ({', '.join(sorted(map(str, mixed)))}; these are "
+            f"{prompts.version} {prompts.sha}): choose a new output_dir"
+        )
     done = {r["source"] for r in done_rows} | {r["source"] for r in read_jsonl(rejects) if r["stage"] == stage_name}
     pending = [r for r in _stage_inputs(stage_name, config) if r["id"] not in done]
-    counts = {"inputs_done_before": len(done), "pending": len(pending), "written": 0, "rejected": 0,
-              "duplicates": 0, "left_pending": 0, "requests": 0}  # fmt: skip
+    counts = {
+        "inputs_done_before": len(done),
+        "pending": len(pending),
+        "written": 0,
+        "rejected": 0,
+        "duplicates": 0,
+        "left_pending": 0,
+        "requests": 0,
+    }
     if not pending:
         return counts
     seen = Dedup(config.near_duplicate)
@@ -455,10 +497,18 @@ def run_llm_stage(stage_name: str, config: CurationConfig, prompts: Prompts, bud
         seen.add(r["label"], stage.dedup_text(r) if stage.dedup_text else None)
     threads = config.llm.max_in_flight // config.llm.workers
     results = ray.data.from_items([{"row": json.dumps(r)} for r in pending]).map_batches(
-        Caller, fn_constructor_kwargs={"stage": stage_name, "config_json": config.model_dump_json(), "budget": budget,
-                                       "api_key": config.llm.key(), "threads": threads},  # resolved here: workers may lack the env
-        batch_size=threads, compute=ray.data.ActorPoolStrategy(size=config.llm.workers), num_cpus=config.llm.cpus_per_worker,
-    )  # fmt: skip
+        Caller,
+        fn_constructor_kwargs={
+            "stage": stage_name,
+            "config_json": config.model_dump_json(),
+            "budget": budget,
+            "api_key": config.llm.key(),
+            "threads": threads,
+        },  # resolved here: workers may lack the env
+        batch_size=threads,
+        compute=ray.data.ActorPoolStrategy(size=config.llm.workers),
+        num_cpus=config.llm.cpus_per_worker,
+    )
     stamp = {"prompt_version": prompts.version, "prompt_sha": prompts.sha}
     for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
         keep, dropped = [], []
@@ -470,13 +520,29 @@ def run_llm_stage(stage_name: str, config: CurationConfig, prompts: Prompts, bud
                 continue
             if "reject" in result:
                 counts["rejected"] += 1
-                dropped.append({"stage": stage_name, "source": result["source"], "reason": result["reject"], "reply": result["reply"], **stamp})
+                dropped.append(
+                    {
+                        "stage": stage_name,
+                        "source": result["source"],
+                        "reason": result["reject"],
+                        "reply": result["reply"],
+                        **stamp,
+                    }
+                )
             for row in result.get("rows", []):
                 text = stage.dedup_text(row) if stage.dedup_text else None
                 why = seen.duplicate_of(row["label"], text)
                 if why:  # kept in rejects too, so a resumed run knows this source is done
                     counts["duplicates"] += 1
-                    dropped.append({"stage": stage_name, "source": result["source"], "reason": why, "reply": json.dumps(row), **stamp})
+                    dropped.append(
+                        {
+                            "stage": stage_name,
+                            "source": result["source"],
+                            "reason": why,
+                            "reply": json.dumps(row),
+                            **stamp,
+                        }
+                    )
                 else:
                     seen.add(row["label"], text)
                     keep.append({**row, "source": result["source"], **stamp})
@@ -499,22 +565,32 @@ def assemble(config: CurationConfig) -> dict:
     files = {
         "control.json": [{"control_user": r["control_user"], "label": r["label"]} for r in full],
         "stimulus.json": [{k: r[k] for k in ("control_user", "control_model", "stimulus_user", "label")} for r in full],
-        "stimulus_completion.json": [{k: r[k] for k in ("control_user", "control_model", "stimulus_user", "stimulus_model", "label")} for r in full],
-    }  # fmt: skip
+        "stimulus_completion.json": [
+            {k: r[k] for k in ("control_user", "control_model", "stimulus_user", "stimulus_model", "label")}
+            for r in full
+        ],
+    }
     if config.system_variant:
-        files["system.json"] = [{"system": r["system"], "stimulus_user": r["stimulus_user"], "label": r["label"]} for r in full]
+        files["system.json"] = [
+            {"system": r["system"], "stimulus_user": r["stimulus_user"], "label": r["label"]} for r in full
+        ]
     for name, rows in files.items():
         parse_records(rows, name)
     files[QA_FILE] = parse_qa({label: qa[label] for label in labels}, QA_FILE)
     versions = sorted({dialogs[label]["prompt_version"] for label in labels})
-    files["manifest.json"] = {"labels": len(labels), "prompt_versions": versions,
-                              "records": {k: len(v) for k, v in files.items() if k != QA_FILE}}  # fmt: skip
+    files["manifest.json"] = {
+        "labels": len(labels),
+        "prompt_versions": versions,
+        "records": {k: len(v) for k, v in files.items() if k != QA_FILE},
+    }
     target = out_dir / DATASET
     texts = {name: json.dumps(data, indent=1, ensure_ascii=False) + "\n" for name, data in files.items()}
     if target.exists():
         if all((target / n).exists() and (target / n).read_text() == t for n, t in texts.items()):
             return {"labels": len(labels), "unchanged": True}
-        raise ConfigError(f"{target} exists with other contents; move it away to assemble again (nothing is overwritten)")
+        raise ConfigError(
+            f"{target} exists with other contents; move it away to assemble again (nothing is overwritten)"
+        )
     staging = Path(tempfile.mkdtemp(prefix=".dataset-", dir=out_dir))
     for name, text in texts.items():
         (staging / name).write_text(text)
@@ -540,9 +616,15 @@ def run(config: CurationConfig, log: Callable[[str], None] = print) -> dict:
                 counts = run_llm_stage(name, config, prompts, budget)
             summary[name] = counts
             log(f"{name}: {json.dumps(counts)}")
-            entry = {"stage": name, "started": started, "seconds": round(time.time() - started, 3), "counts": counts,
-                     "prompt_version": prompts.version, "prompt_sha": prompts.sha,
-                     "llm": {"base_url": config.llm.base_url, "model": config.llm.model}}  # fmt: skip
+            entry = {
+                "stage": name,
+                "started": started,
+                "seconds": round(time.time() - started, 3),
+                "counts": counts,
+                "prompt_version": prompts.version,
+                "prompt_sha": prompts.sha,
+                "llm": {"base_url": config.llm.base_url, "model": config.llm.model},
+            }
             append_jsonl(out_dir / MANIFEST, [entry])
         if budget is not None:
             summary["budget_used"] = ray.get(budget.used.remote())

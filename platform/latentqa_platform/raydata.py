@@ -18,7 +18,17 @@ import ray
 import ray.data
 
 from latentqa.config import LatentQAConfig
-from latentqa.data import QA_FILE, DataError, DatasetSpec, Example, Record, expand, parse_json_or_jsonl, parse_qa, parse_records
+from latentqa.data import (
+    QA_FILE,
+    DataError,
+    DatasetSpec,
+    Example,
+    Record,
+    expand,
+    parse_json_or_jsonl,
+    parse_qa,
+    parse_records,
+)
 from latentqa.layout import LaidOutExample, Layout, LayoutError, ReadSide, WriteSide
 from latentqa.session import layout_for
 

@@ -130,7 +130,9 @@ Dialog = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
 class ReadRequest(_Strict):
     dialogs: list[Dialog] = Field(min_length=1, max_length=MAX_DIALOGS, description="dialogs to read")
     questions: list[Text] = Field(min_length=1, max_length=MAX_QUESTIONS, description="asked about every dialog")
-    decoder: str | None = Field(None, max_length=200, description="a name from GET /v1/decoders, or `model/3`, `model@alias`")
+    decoder: str | None = Field(
+        None, max_length=200, description="a name from GET /v1/decoders, or `model/3`, `model@alias`"
+    )
     read_layer: int | None = Field(None, ge=0, description="target block to read; default: the decoder's")
     max_new_tokens: int = Field(48, ge=1, le=MAX_NEW_TOKENS)
 
@@ -194,7 +196,7 @@ class ControlRequest(_Strict):
     lr: float | None = Field(None, gt=0, le=1)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ControlRequest":
+    def _one_source(self) -> ControlRequest:
         if (self.qa is None) == (self.instruction is None):
             raise ValueError("give exactly one of qa (control pairs) and instruction")
         return self
@@ -219,8 +221,11 @@ def chat_completion(model: str, text: str, prompt_tokens: int, completion_tokens
         "created": int(time.time()),
         "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},  # fmt: skip
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
     }
 
 

@@ -14,7 +14,13 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from latentqa.config import (
-    ConfigError, LatentQAConfig, load_config, merge_trees, parse_overrides, read_config_file, validation_message,
+    ConfigError,
+    LatentQAConfig,
+    load_config,
+    merge_trees,
+    parse_overrides,
+    read_config_file,
+    validation_message,
 )
 
 JOB_SECTIONS = ("ray", "mlflow")
@@ -62,7 +68,9 @@ class JobSettings(_Strict):
     mlflow: MlflowSettings = MlflowSettings()
 
 
-def load_job_config(path: str | Path | None = None, overrides: list[str] | None = None) -> tuple[LatentQAConfig, JobSettings]:
+def load_job_config(
+    path: str | Path | None = None, overrides: list[str] | None = None
+) -> tuple[LatentQAConfig, JobSettings]:
     """Defaults, then the YAML file, then overrides, split between the engine and the job.
 
     Raises `ConfigError` naming the file and field on anything unknown or invalid.

@@ -87,7 +87,9 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
-def open_run(settings: MlflowSettings, output_dir: Path, run_name: str, params: dict[str, str], tags: dict[str, str]) -> RunRef:
+def open_run(
+    settings: MlflowSettings, output_dir: Path, run_name: str, params: dict[str, str], tags: dict[str, str]
+) -> RunRef:
     """The MLflow run of `run_name` (reopened on resume, else created), with its params logged.
 
     Params are immutable in MLflow: a resume with changed settings keeps them as `resume.*` tags.
@@ -139,7 +141,12 @@ def log_loss_curves(run: RunRef, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4))
-    for key, style in (("train/loss", "-"), ("eval/loss_true", "o-"), ("eval/loss_shuffled", "s--"), ("eval/loss_none", "^:")):
+    for key, style in (
+        ("train/loss", "-"),
+        ("eval/loss_true", "o-"),
+        ("eval/loss_shuffled", "s--"),
+        ("eval/loss_none", "^:"),
+    ):
         points = [(h["step"], h[key]) for h in history if key in h]
         if points:
             axis.plot(*zip(*points), style, label=key, markersize=3)
@@ -178,8 +185,14 @@ def _adapter_pyfunc():
     return LatentQADecoder()
 
 
-def log_decoder(run: RunRef, adapter_dir: Path, config_file: Path, name: str = "adapter_model", step: int = 0,
-                tags: dict[str, str] | None = None) -> str:  # fmt: skip
+def log_decoder(
+    run: RunRef,
+    adapter_dir: Path,
+    config_file: Path,
+    name: str = "adapter_model",
+    step: int = 0,
+    tags: dict[str, str] | None = None,
+) -> str:
     """Log a PEFT adapter and its engine config on the run as a logged model named `name` at
     `step` (MLflow links the run's metrics at that step to it); returns its model id."""
     import mlflow
@@ -232,11 +245,19 @@ def register_shipped_decoder(settings: MlflowSettings, output_dir: Path, config:
     for version in client.search_model_versions(f"name='{name}'"):
         if version.tags.get("adapter_sha256") == digest:
             return f"{name}/{version.version}"
-    run = open_run(settings, output_dir, f"shipped-{adapter.name}", flatten(json.loads(config.model_dump_json())), {"source": "shipped"})
+    run = open_run(
+        settings,
+        output_dir,
+        f"shipped-{adapter.name}",
+        flatten(json.loads(config.model_dump_json())),
+        {"source": "shipped"},
+    )
     with tempfile.TemporaryDirectory() as tmp:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(config.model_dump_json(indent=2))
-        registered = register_adapter(run, adapter, config_file, name, {**decoder_tags(config), "adapter_sha256": digest, "source": "shipped"})
+        registered = register_adapter(
+            run, adapter, config_file, name, {**decoder_tags(config), "adapter_sha256": digest, "source": "shipped"}
+        )
     finish_run(run)
     return registered
 
@@ -275,7 +296,9 @@ def resolve_adapter(uri: str, tracking: str | None = None, download_dir: Path | 
         mlmodel = yaml.safe_load(mlflow.artifacts.load_text(f"{location}/MLmodel"))
         within = Path(mlmodel["flavors"]["python_function"]["artifacts"]["adapter"]["path"])  # artifacts/<folder name>
         # The whole artifacts folder: the adapter and, beside it, the config.json it was trained with.
-        local = mlflow.artifacts.download_artifacts(f"{location}/{within.parent}", dst_path=download_dir, tracking_uri=tracking)
+        local = mlflow.artifacts.download_artifacts(
+            f"{location}/{within.parent}", dst_path=download_dir, tracking_uri=tracking
+        )
         adapter = Path(local) / within.name
     except MlflowException as err:
         raise FileNotFoundError(f"{uri}: {err.message}") from None
@@ -295,6 +318,8 @@ def logged_model_id(uri: str, client) -> str:
     name, alias = reference.split("@", 1) if "@" in reference else (reference, None)
     name, _, version = name.partition("/") if alias is None else (name, "", "")
     if not name or not (alias or version.isdigit()):
-        raise FileNotFoundError(f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-<logged model id>")
+        raise FileNotFoundError(
+            f"{uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/m-<logged model id>"
+        )
     found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
     return found.model_id or found.source.removeprefix("models:/")
