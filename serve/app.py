@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -343,7 +344,9 @@ class Steering:
 
 # ---------------------------------------------------------------- the HTTP ingress
 
-api = FastAPI(
+# Swagger UI (/docs) and ReDoc (/redoc) from the assets inside fastapi-offline, not a CDN: GPU
+# clusters are often offline.
+api = FastAPIOffline(
     title="LatentQA",
     version="1",
     description="Read a chat model's activations in plain language, score answers about them, and "

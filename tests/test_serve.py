@@ -17,7 +17,7 @@ import httpx
 import pytest
 from trained_decoder import DECODER_MODEL, trained_decoder
 
-from conftest import free_port
+from conftest import browser_page, free_port
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
 
 TOKEN = "test-token-7f3a"
@@ -453,3 +453,29 @@ def test_build_app_refuses_a_decoder_of_another_target_in_one_line(tmp_path):
     message = str(refused.value)
     assert message.startswith("cannot serve:") and "\n" not in message
     assert "SmolLM2-135M-Instruct (llama, 30 blocks" in message and "tiny-llama (llama, 4 blocks" in message
+
+
+def test_the_api_docs_render_with_no_network_beyond_the_app(app):
+    """/docs is Swagger UI from the assets installed with fastapi-offline: in a headless Chromium
+    that may reach nothing but the app, the page still lists the API's routes."""
+    elsewhere = []
+
+    def only_the_app(route):
+        if route.request.url.startswith(app):
+            route.continue_()
+        else:
+            elsewhere.append(route.request.url)
+            route.abort()
+
+    with browser_page() as page:
+        page.route("**/*", only_the_app)
+        page.goto(f"{app}/docs")
+        read_route = page.locator('.opblock-summary-path[data-path="/v1/read"]')  # Swagger breaks paths with <wbr>
+        try:
+            read_route.wait_for(timeout=60_000)
+        except Exception as err:
+            raise AssertionError(
+                f"no /v1/read on the page; blocked: {elsewhere}; page: {page.inner_text('body')[:1500]}"
+            ) from err
+        assert "LatentQA" in page.locator(".swagger-ui .info .title").inner_text()
+    assert elsewhere == []
