@@ -61,10 +61,6 @@ QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assi
 
 def parse_args(argv: list[str] | None) -> tuple[LatentQAConfig, JobSettings, StrategyConfig, bool]:
     """The config, the job's settings, the strategy, and whether to show the shipped decoder reading."""
-    sections = {**JobSettings().model_dump(), "strategy": StrategyConfig().model_dump()}
-    epilog = "engine sections (see README): model, lora, patch, data, train\n" + "\n".join(
-        f"{name}: " + ", ".join(f"{k}={v}" for k, v in fields.items()) for name, fields in sections.items()
-    )
 
     def showcase_flag(parser) -> None:
         parser.add_argument(
@@ -73,9 +69,7 @@ def parse_args(argv: list[str] | None) -> tuple[LatentQAConfig, JobSettings, Str
             help="on the offline default, skip the shipped SmolLM2 decoder's reading at the end",
         )
 
-    args, config, settings = parse(
-        "jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, showcase_flag, epilog
-    )
+    args, config, settings = parse("jobs/train.py", "Train a LatentQA decoder with Ray Train.", argv, showcase_flag)
     if config.data.eval is None:
         config.train.eval_every = 0
     return config, settings, strategy_config(config, "ddp"), not args.no_showcase

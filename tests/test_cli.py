@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def latentqa(*args, cwd=None):
     return subprocess.run(
@@ -33,3 +35,23 @@ def test_malformed_data_names_file_and_record(tmp_path):
     assert result.returncode != 0
     assert "control.json: record 1: field 'label'" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "runs").exists()  # failed before anything was written
+
+
+def test_help_lists_every_config_field_with_its_default_and_meaning(capsys):
+    from conftest import import_job
+    from latentqa.config import describe_fields, engine_sections
+    from latentqa_platform.settings import JobSettings
+
+    job_sections = {name: info.annotation for name, info in JobSettings.model_fields.items()}
+    engine = [row for prefix, model in engine_sections().items() for row in describe_fields(model, prefix)]
+    jobs = [row for prefix, model in job_sections.items() for row in describe_fields(model, prefix)]
+    assert [key for key, _, meaning in engine + jobs if not meaning] == []  # every field says what it is
+    cli = subprocess.run(
+        [sys.executable, "-m", "latentqa.cli", "train", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert all(key in cli for key, _, _ in engine) and "--train.lr" in cli and "(default: 0.002)" in cli
+    with pytest.raises(SystemExit):
+        import_job("train").main(["--help"])
+    job_help = capsys.readouterr().out
+    assert all(key in job_help for key, _, _ in engine + jobs)
+    assert "datasets/offline/train" in job_help  # a nested section's own default, not its class's

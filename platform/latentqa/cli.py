@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from .chat_format import UnsupportedChatTemplate
-from .config import ConfigError, LatentQAConfig, load_config
+from .config import ConfigError, LatentQAConfig, engine_sections, fields_help, load_config
 from .data import DataError, Example, Record, load_examples, read_dialog
 from .layout import LayoutError
 from .model_files import ModelFileError, WrongTarget
@@ -242,9 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help_text: str, func) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        configured = name != "inspect-batch"
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog=fields_help(engine_sections()) if configured else None,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=func)
-        if name != "inspect-batch":
+        if configured:
             p.add_argument("--config", type=Path, help="YAML config (e.g. infra/configs/llama3-8b-ddp.yaml)")
         return p
 

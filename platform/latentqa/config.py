@@ -9,17 +9,18 @@ validated before anything is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DatasetSpec
-from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, RUNS_DIR
+from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT, RUNS_DIR
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring is its description: `--help` lists them (`describe_fields`).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 def _absolute_if_local(value: str | None) -> str | None:
@@ -33,37 +34,60 @@ def _absolute_if_local(value: str | None) -> str | None:
 class ModelConfig(_Strict):
     """The target model (and the decoder's base): one copy serves both."""
 
-    path: str = str(OFFLINE_MODEL)  # HF folder, hub id, or a .gguf file (converted once, latentqa.model_files)
-    tokenizer: str | None = None  # defaults to `path`
-    chat_template: str | None = None  # a Jinja file that replaces the tokenizer's template (base models have none)
-    weights: Literal["pretrained", "random"] = "random"  # random: initialise from the config with init_seed
+    path: str = str(OFFLINE_MODEL)
+    """HF folder, hub id, or a .gguf file (converted once, latentqa.model_files)."""
+    tokenizer: str | None = None
+    """Tokenizer folder; null: `path`."""
+    chat_template: str | None = None
+    """A Jinja file that replaces the tokenizer's chat template (base models have none)."""
+    weights: Literal["pretrained", "random"] = "random"
+    """pretrained: load them; random: initialise from the model's config with init_seed."""
     init_seed: int = 0
+    """Seed of random weights (every process builds the same base)."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "auto"  # auto: cuda if available, else cpu
-    attn_implementation: str | None = None  # e.g. "sdpa", "flash_attention_2"; None: transformers' default
-    decoder_adapter: str | None = None  # a PEFT adapter dir (e.g. the published decoder); None: new LoRA
+    """Weights and compute dtype."""
+    device: str = "auto"
+    """auto: cuda if available, else cpu."""
+    attn_implementation: str | None = None
+    """e.g. sdpa, flash_attention_2; null: transformers' default."""
+    decoder_adapter: str | None = None
+    """A PEFT decoder adapter folder (e.g. the published decoder); null: a new LoRA."""
 
     _local_paths = field_validator("path", "tokenizer", "chat_template", "decoder_adapter")(_absolute_if_local)
 
 
 class LoraSettings(_Strict):
+    """The decoder's LoRA."""
+
     r: int = 16
+    """LoRA rank."""
     alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
     dropout: float = 0.05
+    """Dropout on the LoRA input."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+    """Module names that get a LoRA."""
 
 
 class PatchConfig(_Strict):
     """Where activations are read and written (SPEC "Patching")."""
 
-    read_layer: int = 1  # L: the block whose output is read (Llama-3-8B: 15; the tiny offline model: 1)
-    min_layer: int | None = None  # training samples L from [min_layer, max_layer) when both are set
+    read_layer: int = 1
+    """L: the block whose output is read (Llama-3-8B: 15; the tiny offline model: 1)."""
+    min_layer: int | None = None
+    """With max_layer: training samples L from [min_layer, max_layer)."""
     max_layer: int | None = None
-    write_layer: int = 0  # W
+    """See min_layer."""
+    write_layer: int = 0
+    """W: the decoder block whose output is patched at the placeholders."""
     mode: Literal["replace", "add"] = "replace"
-    shift_position_ids_train: bool = True  # the published decoder trained with the shift ...
-    shift_position_ids_read: bool = False  # ... and reads without it
+    """Replace the placeholders' hidden states, or add the activations to them."""
+    shift_position_ids_train: bool = True
+    """The published decoder trained with decoder position ids shifted past the read dialog ..."""
+    shift_position_ids_read: bool = False
+    """... and reads without the shift."""
     thought_tokens: bool = False
+    """Reasoning targets: read with the template's thinking on, a completion as generated (docs/chat-templates.md)."""
 
     @model_validator(mode="after")
     def _layer_range(self) -> PatchConfig:
@@ -75,49 +99,85 @@ class PatchConfig(_Strict):
 
 
 class DataConfig(_Strict):
+    """The training set and the held-out set."""
+
     train: DatasetSpec = DatasetSpec(path=OFFLINE_TRAIN)
+    """The training set."""
     eval: DatasetSpec | None = DatasetSpec(path=OFFLINE_HELDOUT)
+    """The held-out set; null: none."""
 
 
 class TrainConfig(_Strict):
+    """The decoder's training loop: AdamW with a cosine schedule stepped per optimizer step."""
+
     lr: float = 2e-3
+    """Peak learning rate."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     epochs: int = 6
-    max_steps: int | None = None  # optimizer steps; stops early when set
-    batch_size: int = 8  # per device
+    """Passes over the training set."""
+    max_steps: int | None = None
+    """Optimizer steps; stops early when set."""
+    batch_size: int = 8
+    """Examples per device per micro-batch."""
     grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     warmup_steps: int = 10
+    """Linear warmup, in optimizer steps."""
     max_grad_norm: float | None = 1.0
-    ema_decay: float | None = Field(None, gt=0, lt=1)  # evaluate and save a moving average of the weights
-    eval_every: int = 100  # optimizer steps; 0 disables
-    eval_batches: int | None = None  # cap on eval batches (None: whole eval set)
+    """Clip the gradient norm to this; null: no clipping."""
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    """Evaluate and save a moving average of the weights with this decay; null: none."""
+    eval_every: int = 100
+    """Optimizer steps between held-out evaluations; 0 disables."""
+    eval_batches: int | None = None
+    """Cap on eval batches; null: the whole held-out set."""
     seed: int = 0
+    """Seed of data order and initialisation."""
     run_name: str = "offline-default"
+    """Folder under output_dir (and the MLflow run's name)."""
     output_dir: Path = RUNS_DIR
+    """Where runs are written."""
 
 
 class SteerConfig(_Strict):
     """Control (steering): a LoRA on the target's first blocks, trained through the frozen decoder."""
 
-    layers: int = 2  # adapter on target blocks 0 .. layers-1, read at block layers-1 (SPEC, 8B: 16, read at L=15)
+    layers: int = 2
+    """Adapter on target blocks 0 .. layers-1, read at block layers-1 (SPEC, 8B: 16, read at L=15)."""
     r: int = 16
+    """Control LoRA rank."""
     alpha: int = 32
+    """Control LoRA scaling numerator."""
     dropout: float = 0.1
+    """Dropout on the control LoRA input."""
     lr: float = 1e-3
+    """Adam learning rate."""
     steps: int = 40
+    """Optimizer steps."""
     batch_size: int = 4
+    """Prompts per step."""
     per_layer: bool = False
+    """Decode from every controlled block, each loss reaching only its own block."""
     seed: int = 0
+    """Seed of prompt and QA sampling."""
 
 
 class LatentQAConfig(_Strict):
     model: ModelConfig = ModelConfig()
+    """The target model."""
     lora: LoraSettings = LoraSettings()
+    """The decoder's LoRA."""
     patch: PatchConfig = PatchConfig()
+    """Reading and writing activations."""
     data: DataConfig = DataConfig()
+    """Training and held-out sets."""
     train: TrainConfig = TrainConfig()
+    """The training loop."""
     steer: SteerConfig = SteerConfig()
-    strategy: dict[str, Any] = Field(default_factory=dict)  # latentqa.strategy.StrategyConfig fields
+    """Control adapters."""
+    strategy: dict[str, Any] = Field(default_factory=dict)
+    """latentqa.strategy.StrategyConfig fields (how training is parallelised)."""
 
 
 class ConfigError(ValueError):
@@ -189,3 +249,37 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         return LatentQAConfig.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(validation_message(str(path or "config"), err)) from None
+
+
+def describe_fields(model: type[BaseModel], prefix: str, values: BaseModel | None = None) -> list[tuple[str, str, str]]:
+    """(--prefix.field, default, description) for every field of `model`, nested sections too;
+    `values` is the section's default where its parent sets one (data.train's path)."""
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}.{name}"
+        default = getattr(values, name) if values is not None else info.get_default(call_default_factory=True)
+        nested = [
+            t for t in (info.annotation, *get_args(info.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)
+        ]
+        if nested:
+            rows += describe_fields(nested[0], key, default)
+            continue
+        shown = "null" if default is None else str(default).replace(f"{PROJECT_ROOT}/", "")
+        rows.append((f"--{key}", shown, " ".join((info.description or "").split())))
+    return rows
+
+
+def fields_help(sections: dict[str, type[BaseModel]]) -> str:
+    """Every field of every section, with its default and meaning: the epilog of `--help`."""
+    rows = [row for prefix, model in sections.items() for row in describe_fields(model, prefix)]
+    width = max(len(key) for key, _, _ in rows)
+    lines = [f"  {key:<{width}}  {description} (default: {default})" for key, default, description in rows]
+    return "config fields (override any with --section.field VALUE):\n" + "\n".join(lines)
+
+
+def engine_sections() -> dict[str, type[BaseModel]]:
+    """The engine's config sections, the strategy's included."""
+    from .strategy import StrategyConfig
+
+    sections = {name: info.annotation for name, info in LatentQAConfig.model_fields.items() if name != "strategy"}
+    return {**sections, "strategy": StrategyConfig}

@@ -198,13 +198,18 @@ def expand(
 class DatasetSpec(BaseModel):
     """Where a LatentQA set lives and how to cut it."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
-    path: Path  # made absolute, so that Ray workers running elsewhere find it
+    path: Path
+    """A folder of the paper's files (made absolute, so that Ray workers running elsewhere find it)."""
     files: tuple[str, ...] = SET_FILES
+    """The record files to read from it (qa.json is always read)."""
     filter: tuple[str, ...] = ()
+    """Label kinds to leave out (the part of a label before its first '-', e.g. sqa)."""
     train_percent: float = 1.0
+    """A seeded fraction of the examples to keep."""
     seed: int = 0
+    """Seed of that fraction."""
 
     @field_validator("path")
     @classmethod

@@ -65,9 +65,10 @@ SchedulerFactory = Callable[[Optimizer], LRScheduler]
 class StrategyConfig(pydantic.BaseModel):
     """How to parallelise training; the same loop runs under every ``kind``."""
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     kind: Literal["local", "ddp", "fsdp", "deepspeed"] = "ddp"
+    """local (one process), ddp, fsdp (FSDP2) or deepspeed (ZeRO)."""
     zero_stage: Literal[2, 3] = 3
     """DeepSpeed only."""
     deepspeed_config: Path | None = None
@@ -80,6 +81,7 @@ class StrategyConfig(pydantic.BaseModel):
     cpu_offload: bool = False
     """fsdp: CPUOffloadPolicy; deepspeed: offload optimizer (and, at ZeRO-3, parameters) to CPU."""
     grad_accum_steps: int = pydantic.Field(1, ge=1)
+    """Micro-batches per optimizer step (jobs set it from train.grad_accum)."""
     max_grad_norm: float | None = pydantic.Field(1.0, gt=0)
     """Clip the global gradient norm to this at every optimizer step; None disables clipping."""
     ema_decay: float | None = pydantic.Field(None, gt=0, lt=1)

@@ -10,7 +10,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from latentqa.config import ConfigError, LatentQAConfig
+from latentqa.config import ConfigError, LatentQAConfig, engine_sections, fields_help
 
 from .adapters import fetch_adapter
 from .settings import JobSettings, load_job_config, tracking_uri
@@ -21,16 +21,16 @@ def parse(
     description: str,
     argv: list[str] | None,
     add_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
-    epilog: str | None = None,
 ) -> tuple[argparse.Namespace, LatentQAConfig, JobSettings]:
-    """The job's own flags, then `--config FILE.yaml` and dotted overrides for every section;
-    raises ConfigError naming the field."""
+    """The job's own flags, then `--config FILE.yaml` and dotted overrides for every section (all
+    listed by --help); raises ConfigError naming the field."""
+    job_sections = {name: info.annotation for name, info in JobSettings.model_fields.items()}
     parser = argparse.ArgumentParser(
         prog=prog,
         allow_abbrev=False,
         description=description + " Any config field is an override: "
         "--patch.read_layer 15, --ray.cpus_per_worker 1, --mlflow.tracking_uri URI.",
-        epilog=epilog,
+        epilog=fields_help({**engine_sections(), **job_sections}),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="YAML file of config sections (engine + ray + mlflow)")

@@ -27,7 +27,8 @@ JOB_SECTIONS = ("ray", "mlflow")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Each field's docstring is its description: `--help` lists them (latentqa.config.describe_fields).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class RaySettings(_Strict):
@@ -35,16 +36,19 @@ class RaySettings(_Strict):
     """Cluster to join (`auto`, `ray://host:10001`, `host:6379`). None: RAY_ADDRESS, else a running
     local cluster, else start one for this job."""
     num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one rank each)."""
     cpus_per_worker: float = Field(0.5, gt=0)
     """Fractional by default: two workers at one CPU each leave Ray Data none on a 2-CPU machine
     and the run hangs (PLATFORM-NOTES)."""
     use_gpu: bool = False
+    """One GPU per worker."""
     storage_path: str | None = None
     """Where Ray Train keeps checkpoints (`<storage_path>/<train.run_name>/checkpoint_*`): a
     folder every node sees, or a URI such as `s3://bucket/runs`. None: `train.output_dir`."""
     checkpoint_every: int = Field(50, ge=0)
     """Optimizer steps between checkpoints; 0: only at the end. The last step always checkpoints."""
     checkpoints_to_keep: int | None = Field(2, ge=1)
+    """Newest checkpoints kept; null: all."""
     max_failures: int = Field(0, ge=-1)
     """Worker-group restarts Ray Train attempts (from the latest checkpoint) before failing."""
     fail_after_step: int | None = Field(None, ge=1)
@@ -53,19 +57,23 @@ class RaySettings(_Strict):
 
 class MlflowSettings(_Strict):
     enabled: bool = True
+    """Track the run in MLflow (params, metrics, checkpoints, the registered decoder)."""
     tracking_uri: str | None = None
     """None: MLFLOW_TRACKING_URI, else `sqlite:///<train.output_dir>/mlflow.db` (absolute)."""
     artifact_location: str | None = None
     """Artifact root of a new experiment. None with the default sqlite store:
     `<train.output_dir>/mlartifacts`; otherwise the tracking server's default."""
     experiment: str = "latentqa"
+    """The MLflow experiment runs go to."""
     registered_model: str | None = None
     """None: `latentqa-decoder-<target model name>`."""
 
 
 class JobSettings(_Strict):
     ray: RaySettings = RaySettings()
+    """How the job runs on Ray."""
     mlflow: MlflowSettings = MlflowSettings()
+    """How the job is tracked."""
 
 
 def load_job_config(
