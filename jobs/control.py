@@ -21,7 +21,7 @@ import ray
 
 from latentqa.config import ConfigError
 from latentqa_platform import controls
-from latentqa_platform.batchjobs import load_session, parse, run_main
+from latentqa_platform.batchjobs import parse, run_main
 from latentqa_platform.serving import ControlRequest, ServeSettings
 
 PREFIX = ServeSettings().control_model_prefix
@@ -41,12 +41,12 @@ def control_task(
     config_json: str, decoder: str, tracking: str, run: controls.RunRef, request: dict, heldout: int
 ) -> str | None:
     """On a worker: the whole job (see controls.run_job); returns `name/version`, or None if it failed."""
-    from latentqa.config import LatentQAConfig
+    from latentqa import LatentQA, LatentQAConfig
 
     config = LatentQAConfig.model_validate_json(config_json)
     settings = ServeSettings()
     body = ControlRequest.model_validate(request)
-    lqa = load_session(config, decoder, tracking)
+    lqa = LatentQA.load(config, decoder, registry=tracking)
     prompts, held = settings.read_prompts()
     return controls.run_job(
         lqa,

@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from latentqa.cli import add_suite_arguments, suite_options
 from latentqa.config import ConfigError
 from latentqa_platform import raydata, tracking
-from latentqa_platform.batchjobs import job_tracking_uri, load_session, parse, run_main
+from latentqa_platform.batchjobs import job_tracking_uri, parse, run_main
 
 PREFIX = "heldout/"
 
@@ -46,11 +46,11 @@ def evaluate_task(
     config_json: str, decoder: str, tracking_uri: str, rows: list[dict], options: dict
 ) -> tuple[dict, dict]:
     """The suite's metrics, and its report files (name -> bytes) for the run's artifacts."""
-    from latentqa.config import LatentQAConfig
+    from latentqa import LatentQA, LatentQAConfig
     from latentqa.suite import run_suite
 
     config = LatentQAConfig.model_validate_json(config_json)
-    lqa = load_session(config, decoder, tracking_uri)
+    lqa = LatentQA.load(config, decoder, registry=tracking_uri)
     examples = [raydata.example_of_row(r) for r in rows]
     result = run_suite(lqa, config.data.eval, examples, **options)
     with tempfile.TemporaryDirectory() as tmp:

@@ -25,7 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from latentqa.config import ConfigError
 from latentqa_platform import raydata
-from latentqa_platform.batchjobs import job_tracking_uri, load_session, parse, run_main
+from latentqa_platform.batchjobs import job_tracking_uri, parse, run_main
 from latentqa_platform.serving import Dialog
 
 DEFAULT_QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assistant trying to do?"]
@@ -69,9 +69,9 @@ class ShardReader:
     """A Ray Data actor: one session per actor, one output file per shard."""
 
     def __init__(self, config_json: str, decoder: str, tracking: str, job: dict, output: str):
-        from latentqa.config import LatentQAConfig
+        from latentqa import LatentQA, LatentQAConfig
 
-        self.lqa = load_session(LatentQAConfig.model_validate_json(config_json), decoder, tracking)
+        self.lqa = LatentQA.load(LatentQAConfig.model_validate_json(config_json), decoder, registry=tracking)
         self.job, self.output = job, Path(output)
 
     def __call__(self, batch: dict) -> dict:

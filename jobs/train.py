@@ -225,8 +225,7 @@ def read_held_out(config_json: str, checkpoint: Checkpoint, dialog: list[dict], 
 
     config = LatentQAConfig.model_validate_json(config_json)
     with checkpoint.as_directory() as folder:
-        config.model.decoder_adapter = str(Path(folder) / "adapter")
-        lqa = LatentQA.load(config)
+        lqa = LatentQA.load(config, Path(folder) / "adapter")
     return read(lqa, [dialog], questions)[0]
 
 

@@ -98,8 +98,7 @@ class ModelReplica:
         with tempfile.TemporaryDirectory() as tmp:
             default_id = self.catalogs["decoder"].locate(self.settings.decoder_name(), "decoder")
             fetched = self.catalogs["decoder"].fetch(default_id, Path(tmp))
-            config.model.decoder_adapter = str(fetched.folder)
-            self.lqa = LatentQA.load(config)
+            self.lqa = LatentQA.load(config, fetched.folder)
         # The default decoder stays in the engine's own "decoder" slot; others are multiplexed.
         self.adapters = self.lqa.model.adapters = SharedAdapters(self.lqa.model.adapters)
         self.default = ServedAdapter(self, "decoder", self._read_layer(fetched))
@@ -314,9 +313,8 @@ class Steering:
         if self.session is None or self.session[0] != decoder_id:
             self.session = None  # free the previous copy first
             with tempfile.TemporaryDirectory() as tmp:
-                config = self.settings.engine_config()
-                config.model.decoder_adapter = str(self.catalog.fetch(decoder_id, Path(tmp)).folder)
-                self.session = (decoder_id, LatentQA.load(config))
+                folder = self.catalog.fetch(decoder_id, Path(tmp)).folder
+                self.session = (decoder_id, LatentQA.load(self.settings.engine_config(), folder))
         return self.session[1]
 
     def _run(self, run, body: ControlRequest, decoder_id: str) -> None:

@@ -54,7 +54,7 @@ def serve_benchmarks(
     torch.manual_seed(0)
     lqa = LatentQA.load(load_config(), train_decoder=False)
     folder = lqa.model.adapters.save(DECODER, tmp / "decoder")
-    lqa = LatentQA.load(load_config(overrides={"model": {"decoder_adapter": str(folder)}}))
+    lqa = LatentQA.load(load_config(), folder)
     mlflow = MlflowSettings(
         tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri()
     )

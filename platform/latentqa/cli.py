@@ -26,17 +26,18 @@ DEFAULT_QUESTIONS = ["What will the assistant do in its replies?", "Describe the
 def _config(args: argparse.Namespace, overrides: list[str]) -> LatentQAConfig:
     config = load_config(args.config, overrides)
     if getattr(args, "decoder", None):
-        config.model.decoder_adapter = str(args.decoder)
+        config.model.decoder_adapter = args.decoder
     return config
 
 
 def _load(config: LatentQAConfig, train_decoder: bool = False):
     from .session import LatentQA  # torch and transformers load only when a model is needed
 
+    decoder = None
     if not train_decoder and config.model.decoder_adapter is None:
-        config.model.decoder_adapter = str(latest_decoder())
-        print(f"using the latest decoder: {config.model.decoder_adapter}", file=sys.stderr)
-    return LatentQA.load(config, train_decoder=train_decoder)
+        decoder = latest_decoder()
+        print(f"using the latest decoder: {decoder}", file=sys.stderr)
+    return LatentQA.load(config, decoder, train_decoder=train_decoder)
 
 
 # ----- subcommands ---------------------------------------------------------------------
@@ -278,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     ):
         p = add(name, text, func)
-        p.add_argument("--decoder", type=Path, help="decoder adapter folder (default: the latest under runs/)")
+        p.add_argument(
+            "--decoder", help="decoder adapter folder, or models:/NAME/N, NAME@alias (default: the latest under runs/)"
+        )
         if name in ("read", "score", "evaluate"):
             p.add_argument("--layer", type=int, help="read layer (default: patch.read_layer)")
         if name in ("read", "score"):

@@ -51,7 +51,8 @@ class ModelConfig(_Strict):
     attn_implementation: str | None = None
     """e.g. sdpa, flash_attention_2; null: transformers' default."""
     decoder_adapter: str | None = None
-    """A PEFT decoder adapter folder (e.g. the published decoder); null: a new LoRA."""
+    """A PEFT decoder adapter folder (e.g. the published decoder) or a registered decoder
+    (`models:/NAME/3`, `NAME@alias`); null: a new LoRA."""
 
     _local_paths = field_validator("path", "tokenizer", "chat_template", "decoder_adapter")(_absolute_if_local)
 

@@ -104,12 +104,11 @@ class AdapterSet:
         self._enforce()
 
     @classmethod
-    def create(cls, base: PreTrainedModel, cfg: ModelConfig, lora: LoraSettings, train_decoder: bool) -> AdapterSet:
-        if cfg.decoder_adapter:
-            check_target(cfg.decoder_adapter, base.config)
-            model = PeftModel.from_pretrained(
-                base, cfg.decoder_adapter, adapter_name=DECODER, is_trainable=train_decoder
-            )
+    def create(cls, base: PreTrainedModel, decoder: Path | None, lora: LoraSettings, train_decoder: bool) -> AdapterSet:
+        """The decoder adapter from its folder, or a new LoRA when `decoder` is None."""
+        if decoder is not None:
+            check_target(decoder, base.config)
+            model = PeftModel.from_pretrained(base, str(decoder), adapter_name=DECODER, is_trainable=train_decoder)
         else:
             model = get_peft_model(base, _lora_config(lora), adapter_name=DECODER)
         return cls(model, {DECODER} if train_decoder else set())

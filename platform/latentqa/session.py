@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .chat_format import ChatFormat
 from .config import LatentQAConfig
 from .data import Example
+from .decoders import decoder_folder
 from .layout import Batch, LaidOutExample, Layout, Mode, collate
 from .models import AdapterSet, load_base, load_model_config, load_tokenizer
 from .patching import LatentQAModel
@@ -32,10 +34,29 @@ class LatentQA:
     model: LatentQAModel
 
     @classmethod
-    def load(cls, config: LatentQAConfig, train_decoder: bool = False) -> LatentQA:
+    def load(
+        cls,
+        config: LatentQAConfig,
+        decoder: str | Path | None = None,
+        *,
+        train_decoder: bool = False,
+        registry: str | None = None,
+    ) -> LatentQA:
+        """The target and its decoder, one base copy. `decoder`: an adapter folder, a registered
+        decoder (`models:/NAME/3`, `models:/NAME@alias`, `NAME@alias`, fetched from `registry`,
+        an MLflow tracking URI; None: MLFLOW_TRACKING_URI or `<train.output_dir>/mlflow.db`), or
+        None: `config.model.decoder_adapter`, and without one a new decoder (for training).
+        `lqa.config.model.decoder_adapter` records what was loaded."""
+        config = config.model_copy(deep=True)
+        if decoder is not None:
+            config.model.decoder_adapter = str(decoder)
         layout = layout_for(config)
         base = load_base(config.model)
-        adapters = AdapterSet.create(base, config.model, config.lora, train_decoder)
+        if config.model.decoder_adapter is None:
+            adapters = AdapterSet.create(base, None, config.lora, train_decoder)
+        else:
+            with decoder_folder(config.model.decoder_adapter, registry, config) as folder:
+                adapters = AdapterSet.create(base, folder, config.lora, train_decoder)
         model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
         if not 0 <= config.patch.write_layer < model.num_layers:
             raise ValueError(

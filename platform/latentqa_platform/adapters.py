@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Literal
 
 from latentqa.config import LatentQAConfig
+from latentqa.decoders import check_adapter_folder
+from latentqa.model_files import ModelFileError
 from latentqa.models import AdapterSet
 
 from .serving import RequestError, UnknownAdapter
@@ -43,8 +45,10 @@ def fetch_adapter(uri: str, tracking_uri: str, download_dir: Path) -> FetchedAda
     with when one sits beside it. Only safetensors weights are accepted: a pickled `.bin` could
     run code on load."""
     folder = resolve_adapter(uri, tracking_uri, download_dir)
-    if not (folder / "adapter_model.safetensors").is_file() or (folder / "adapter_model.bin").exists():
-        raise RequestError("adapter", f"{uri}: adapters load from adapter_model.safetensors only")
+    try:
+        check_adapter_folder(folder, uri)
+    except ModelFileError as err:
+        raise RequestError("adapter", str(err)) from None
     config_file = folder.parent / "config.json"  # a run's config.json, or the registered `config.json` artifact
     config = LatentQAConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
     return FetchedAdapter(folder, config)

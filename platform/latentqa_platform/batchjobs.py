@@ -1,18 +1,16 @@
 """What the batch jobs (`jobs/read.py`, `jobs/control.py`, `jobs/evaluate.py`) share: the command
-line (the engine's sections plus `ray:` and `mlflow:`, as `jobs/train.py`), and a session over a
-decoder named by a registry URI or a folder, loaded where the work runs (a Ray worker)."""
+line (the engine's sections plus `ray:` and `mlflow:`, as `jobs/train.py`), its exit on a config
+error, and the tracking store it reads decoders from."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from latentqa.config import ConfigError, LatentQAConfig, engine_sections, fields_help
 
-from .adapters import fetch_adapter
 from .settings import JobSettings, load_job_config, tracking_uri
 
 
@@ -52,13 +50,3 @@ def run_main(main: Callable[[], int]) -> int:
 def job_tracking_uri(config: LatentQAConfig, settings: JobSettings) -> str:
     """As `jobs/train.py` resolves it: the setting, MLFLOW_TRACKING_URI, or `<train.output_dir>/mlflow.db`."""
     return tracking_uri(settings.mlflow, Path(config.train.output_dir))
-
-
-def load_session(config: LatentQAConfig, decoder: str, tracking: str):
-    """A LatentQA session with `decoder` (`models:/name@alias`, `models:/name/3` or a folder)."""
-    from latentqa.session import LatentQA
-
-    with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
-        config = config.model_copy(deep=True)
-        config.model.decoder_adapter = str(fetch_adapter(decoder, tracking, Path(tmp)).folder)
-        return LatentQA.load(config)

@@ -593,7 +593,7 @@ def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) ->
         return F.cross_entropy(logits.float(), labels[:, 1:][keep])
 
     if setup == "engine":  # one base: target = adapters off, decoder = base + adapter
-        model = LatentQAModel(AdapterSet.create(base, cfg, lora, train_decoder=True))
+        model = LatentQAModel(AdapterSet.create(base, None, lora, train_decoder=True))
         strategy = Strategy.create(StrategyConfig(kind="local"))
         strategy.prepare(model, lambda ps: torch.optim.AdamW(ps, lr=1e-4))
         for _ in range(steps):

@@ -172,8 +172,7 @@ def _adapter_pyfunc():
             from latentqa.session import LatentQA
 
             config = LatentQAConfig.model_validate_json(Path(context.artifacts["config"]).read_text())
-            config.model.decoder_adapter = context.artifacts["adapter"]
-            self.lqa = LatentQA.load(config)
+            self.lqa = LatentQA.load(config, context.artifacts["adapter"])
 
         def predict(self, context, model_input, params=None):
             from latentqa.reading import read
@@ -307,6 +306,14 @@ def resolve_adapter(uri: str, tracking: str | None = None, download_dir: Path | 
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FileNotFoundError(f"{uri}: the model holds no adapter_model.safetensors")
     return adapter
+
+
+def fetch_registered_decoder(reference: str, download_dir: Path, registry: str | None, config: LatentQAConfig) -> Path:
+    """The engine's registry plugin (entry point `latentqa.registries`): `LatentQA.load(config,
+    decoder="models:/...")` fetches here, from `registry` or as the jobs find the tracking store."""
+    return resolve_adapter(
+        reference, registry or tracking_uri(MlflowSettings(), Path(config.train.output_dir)), download_dir
+    )
 
 
 def logged_model_id(uri: str, client) -> str:
