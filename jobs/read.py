@@ -24,11 +24,10 @@ import ray
 from pydantic import TypeAdapter, ValidationError
 
 from latentqa.config import ConfigError
+from latentqa.data import DEFAULT_QUESTIONS
 from latentqa_platform import raydata
 from latentqa_platform.batchjobs import job_tracking_uri, parse, run_main
 from latentqa_platform.serving import Dialog
-
-DEFAULT_QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assistant trying to do?"]
 
 
 def _arguments(parser) -> None:

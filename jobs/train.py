@@ -44,7 +44,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from latentqa.config import ConfigError, LatentQAConfig
-from latentqa.data import Record, read_dialog
+from latentqa.data import DEFAULT_QUESTIONS, Record, read_dialog
 from latentqa.layout import collate
 from latentqa.paths import OFFLINE_MODEL
 from latentqa.strategy import StrategyConfig
@@ -52,9 +52,6 @@ from latentqa.training import strategy_config
 from latentqa_platform import raydata, tracking
 from latentqa_platform.batchjobs import parse
 from latentqa_platform.settings import JobSettings
-
-QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assistant trying to do?"]
-
 
 # ---------------------------------------------------------------- 1. config
 
@@ -387,10 +384,12 @@ def main(argv: list[str] | None = None) -> int:
         dialog = held_out_dialog(eval_set.examples)
         options = {"num_cpus": settings.ray.cpus_per_worker, "num_gpus": 1 if settings.ray.use_gpu else 0}
         answers = ray.get(
-            read_held_out.options(**options).remote(config.model_dump_json(), result.checkpoint, dialog, QUESTIONS)
+            read_held_out.options(**options).remote(
+                config.model_dump_json(), result.checkpoint, dialog, DEFAULT_QUESTIONS
+            )
         )
         print("held-out dialog:", json.dumps(dialog))
-        for question, answer in zip(QUESTIONS, answers):
+        for question, answer in zip(DEFAULT_QUESTIONS, answers):
             print(f"  Q: {question}\n  A: {answer}")
     if showcase and config.model.path == str(OFFLINE_MODEL):
         show_a_real_reading(settings, output_dir)

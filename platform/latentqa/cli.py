@@ -15,12 +15,10 @@ from pathlib import Path
 
 from .chat_format import UnsupportedChatTemplate
 from .config import ConfigError, LatentQAConfig, engine_sections, fields_help, load_config
-from .data import DataError, Example, Record, load_examples, read_dialog
+from .data import DEFAULT_QUESTIONS, DataError, Example, Record, load_examples, read_dialog
 from .layout import LayoutError
 from .model_files import ModelFileError, WrongTarget
 from .paths import CONTROLS_DIR, RUNS_DIR, STEER_PROMPTS, latest_decoder
-
-DEFAULT_QUESTIONS = ["What will the assistant do in its replies?", "Describe the assistant in a few words."]
 
 
 def _config(args: argparse.Namespace, overrides: list[str]) -> LatentQAConfig:

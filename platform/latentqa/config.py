@@ -18,8 +18,10 @@ from .data import DatasetSpec
 from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT, RUNS_DIR
 
 
-class _Strict(BaseModel):
-    # Each field's docstring is its description: `--help` lists them (`describe_fields`).
+class StrictModel(BaseModel):
+    """Every config section and request body: unknown fields are errors, assignments are checked.
+    Each field's docstring is its description (`--help` lists them, `describe_fields`)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
@@ -31,7 +33,7 @@ def _absolute_if_local(value: str | None) -> str | None:
     return str(Path(value).resolve())
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     """The target model (and the decoder's base): one copy serves both."""
 
     path: str = str(OFFLINE_MODEL)
@@ -57,7 +59,7 @@ class ModelConfig(_Strict):
     _local_paths = field_validator("path", "tokenizer", "chat_template", "decoder_adapter")(_absolute_if_local)
 
 
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     """The decoder's LoRA."""
 
     r: int = 16
@@ -70,7 +72,7 @@ class LoraSettings(_Strict):
     """Module names that get a LoRA."""
 
 
-class PatchConfig(_Strict):
+class PatchConfig(StrictModel):
     """Where activations are read and written (SPEC "Patching")."""
 
     read_layer: int = 1
@@ -99,7 +101,7 @@ class PatchConfig(_Strict):
         return self
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     """The training set and the held-out set."""
 
     train: DatasetSpec = DatasetSpec(path=OFFLINE_TRAIN)
@@ -108,7 +110,7 @@ class DataConfig(_Strict):
     """The held-out set; null: none."""
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """The decoder's training loop: AdamW with a cosine schedule stepped per optimizer step."""
 
     lr: float = 2e-3
@@ -141,7 +143,7 @@ class TrainConfig(_Strict):
     """Where runs are written."""
 
 
-class SteerConfig(_Strict):
+class SteerConfig(StrictModel):
     """Control (steering): a LoRA on the target's first blocks, trained through the frozen decoder."""
 
     layers: int = 2
@@ -164,7 +166,7 @@ class SteerConfig(_Strict):
     """Seed of prompt and QA sampling."""
 
 
-class LatentQAConfig(_Strict):
+class LatentQAConfig(StrictModel):
     model: ModelConfig = ModelConfig()
     """The target model."""
     lora: LoraSettings = LoraSettings()
@@ -218,6 +220,7 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 
 
 def merge_trees(base: dict, extra: dict) -> dict:
+    """A recursive merge of two trees of sections; `extra` wins."""
     out = dict(base)
     for key, value in extra.items():
         out[key] = merge_trees(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value

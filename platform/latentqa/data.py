@@ -18,6 +18,9 @@ SET_FILES = ("system.json", "stimulus_completion.json", "stimulus.json", "contro
 QA_FILE = "qa.json"
 Verb = Literal["system", "user", "none"]
 
+# What a read asks when the user asks nothing: two of the paper's own questions.
+DEFAULT_QUESTIONS = ["What type of persona will the assistant adopt?", "What is the assistant trying to do?"]
+
 
 class DataError(ValueError):
     """Bad LatentQA data; the message names the file, record index and field."""

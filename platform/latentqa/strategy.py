@@ -53,6 +53,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
+from .config import merge_trees
 from .model_files import write_target_identity
 from .models import decoder_blocks
 
@@ -607,17 +608,6 @@ class FSDPStrategy(Strategy):
             yield
 
 
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``override`` wins."""
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
 class DeepSpeedStrategy(Strategy):
     """DeepSpeed ZeRO-2/3 with a plain torch optimizer (no JIT-built cpu_adam; gloo works on CPU).
 
@@ -652,7 +642,7 @@ class DeepSpeedStrategy(Strategy):
             **offload,
         }
         user = json.loads(self.cfg.deepspeed_config.read_text()) if self.cfg.deepspeed_config else {}
-        return _merge(user, ours)
+        return merge_trees(user, ours)
 
     @contextlib.contextmanager
     def model_loading(self, pretrained: bool = True) -> Iterator[None]:

@@ -39,13 +39,14 @@ import httpx
 import numpy as np
 import ray
 import ray.data
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 
-from latentqa.config import ConfigError, merge_trees, parse_overrides, read_config_file, validation_message
+from latentqa.config import ConfigError, StrictModel, merge_trees, parse_overrides, read_config_file, validation_message
 from latentqa.data import QA_FILE, DataError, parse_qa, parse_records
 from latentqa.paths import PROJECT_ROOT, RUNS_DIR
 
 from . import raydata
+from .tracking import slug
 
 PROMPTS_DIR = PROJECT_ROOT / "datasets" / "curation" / "prompts" / "v1"
 STAGES = ("seed", "expand", "qa", "assemble")
@@ -56,11 +57,7 @@ DATASET = "dataset"
 # ---------------------------------------------------------------- configuration
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class LLMSettings(_Strict):
+class LLMSettings(StrictModel):
     base_url: str = "http://127.0.0.1:8000/v1"
     """An OpenAI-compatible API root (`.../v1`); the default is the project's own Serve app."""
     model: str = "target"
@@ -90,24 +87,24 @@ class LLMSettings(_Strict):
         return self.api_key.get_secret_value() if self.api_key else os.environ.get(self.api_key_env)
 
 
-class BudgetSettings(_Strict):
+class BudgetSettings(StrictModel):
     max_requests: int | None = Field(None, ge=1)
     """HTTP requests per run, retries included; None: no limit."""
     max_tokens: int | None = Field(None, ge=1)
     """Tokens per run (the server's `usage.total_tokens`); a request starts only while under it."""
 
 
-class Counts(_Strict):
+class Counts(StrictModel):
     controls_per_category: int = Field(4, ge=1)
     qa_pairs: int = Field(4, ge=1)
 
 
-class RayAddress(_Strict):
+class RayAddress(StrictModel):
     address: str | None = None
     """None: RAY_ADDRESS, else a running local cluster, else start one."""
 
 
-class CurationConfig(_Strict):
+class CurationConfig(StrictModel):
     llm: LLMSettings = LLMSettings()
     budget: BudgetSettings = BudgetSettings()
     stages: list[Literal["seed", "expand", "qa", "assemble"]] = list(STAGES)
@@ -169,10 +166,6 @@ class ReplyError(ValueError):
     """A reply that does not validate; the message is the reject reason."""
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
-
-
 def _check(rows: list[dict], source: str) -> None:
     """The SPEC's own record checks, as a reply error."""
     try:
@@ -193,9 +186,9 @@ def seed_rows(reply: object, row: dict, config: CurationConfig) -> list[dict]:
         raise ReplyError("field 'controls': expected a non-empty list")
     out = []
     for index, item in enumerate(controls):
-        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not _slug(item["name"]):
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not slug(item["name"]):
             raise ReplyError(f"controls[{index}]: field 'name': expected a non-empty string")
-        label = f"{row['kind']}-{_slug(item['name'])}"
+        label = f"{row['kind']}-{slug(item['name'])}"
         _check([{"control_user": item.get("instruction"), "label": label}], f"controls[{index}]")
         out.append(
             {

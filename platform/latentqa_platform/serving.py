@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, model_validator
 
-from latentqa.config import LatentQAConfig, load_config
+from latentqa.config import LatentQAConfig, StrictModel, load_config
 from latentqa.paths import RUNS_DIR, STEER_PROMPTS
 
 from .settings import MlflowSettings, tracking_uri
@@ -37,11 +37,7 @@ Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS)
 Role = Annotated[str, StringConstraints(pattern=r"^[a-z_]{1,20}$")]
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ServeSettings(_Strict):
+class ServeSettings(StrictModel):
     """The app's configuration (`args:` of an application in `serve/config.yaml`)."""
 
     config: str | None = None
@@ -119,7 +115,7 @@ class UnknownAdapter(RequestError):
 # ---------------------------------------------------------------- requests and answers
 
 
-class Message(_Strict):
+class Message(StrictModel):
     role: Role = Field(description="any role the target's chat template accepts (system, user, assistant, ...)")
     content: Annotated[str, StringConstraints(max_length=MAX_TEXT_CHARS)]
 
@@ -127,7 +123,7 @@ class Message(_Strict):
 Dialog = Annotated[list[Message], Field(min_length=1, max_length=MAX_MESSAGES)]
 
 
-class ReadRequest(_Strict):
+class ReadRequest(StrictModel):
     dialogs: list[Dialog] = Field(min_length=1, max_length=MAX_DIALOGS, description="dialogs to read")
     questions: list[Text] = Field(min_length=1, max_length=MAX_QUESTIONS, description="asked about every dialog")
     decoder: str | None = Field(
@@ -148,7 +144,7 @@ class ReadResponse(BaseModel):
     results: list[list[ReadAnswer]] = Field(description="results[d][q]: dialog d, question q")
 
 
-class ScoreRequest(_Strict):
+class ScoreRequest(StrictModel):
     dialog: Dialog
     question: Text
     candidates: list[Text] = Field(min_length=1, max_length=MAX_CANDIDATES)
@@ -186,7 +182,7 @@ class ChatRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens or 64
 
 
-class ControlRequest(_Strict):
+class ControlRequest(StrictModel):
     name: Name = Field(description="the control's name; registered as `<prefix><name>`")
     qa: list[tuple[Text, Text]] | None = Field(None, min_length=1, max_length=MAX_CONTROL_PAIRS)
     instruction: Text | None = Field(None, description="read QA pairs from the target under this instruction")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from latentqa.config import (
     ConfigError,
     LatentQAConfig,
+    StrictModel,
     load_config,
     merge_trees,
     parse_overrides,
@@ -26,12 +27,7 @@ from latentqa.config import (
 JOB_SECTIONS = ("ray", "mlflow")
 
 
-class _Strict(BaseModel):
-    # Each field's docstring is its description: `--help` lists them (latentqa.config.describe_fields).
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
-
-
-class RaySettings(_Strict):
+class RaySettings(StrictModel):
     address: str | None = None
     """Cluster to join (`auto`, `ray://host:10001`, `host:6379`). None: RAY_ADDRESS, else a running
     local cluster, else start one for this job."""
@@ -55,7 +51,7 @@ class RaySettings(_Strict):
     """For tests: raise in the train loop right after the checkpoint of this step."""
 
 
-class MlflowSettings(_Strict):
+class MlflowSettings(StrictModel):
     enabled: bool = True
     """Track the run in MLflow (params, metrics, checkpoints, the registered decoder)."""
     tracking_uri: str | None = None
@@ -69,7 +65,7 @@ class MlflowSettings(_Strict):
     """None: `latentqa-decoder-<target model name>`."""
 
 
-class JobSettings(_Strict):
+class JobSettings(StrictModel):
     ray: RaySettings = RaySettings()
     """How the job runs on Ray."""
     mlflow: MlflowSettings = MlflowSettings()

@@ -46,10 +46,14 @@ class RunRef:
         return MlflowClient(self.tracking_uri)
 
 
+def slug(text: str) -> str:
+    """Lower-case letters and digits joined by dashes: a name safe in MLflow, labels and paths."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
 def model_slug(path: str) -> str:
     """`meta-llama/Meta-Llama-3-8B-Instruct` -> `meta-llama-3-8b-instruct`; a GGUF file by its stem."""
-    name = Path(path.rstrip("/")).name.removesuffix(".gguf")
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "model"
+    return slug(Path(path.rstrip("/")).name.removesuffix(".gguf")) or "model"
 
 
 def decoder_model_name(settings: MlflowSettings, config: LatentQAConfig) -> str:

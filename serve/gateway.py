@@ -1,0 +1,232 @@
+"""The `Gateway` deployment: the FastAPI ingress (validation, auth, routing to the model replicas
+and to steering); it holds no model."""
+
+import asyncio
+import hmac
+import os
+import uuid
+
+from fastapi import Depends, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi_offline import FastAPIOffline
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from latentqa_platform import controls
+from latentqa_platform.adapters import AdapterCatalog
+from latentqa_platform.serving import (
+    ChatRequest,
+    ControlJob,
+    ControlRequest,
+    ReadAnswer,
+    ReadRequest,
+    ReadResponse,
+    RequestError,
+    ScoredCandidate,
+    ScoreRequest,
+    ScoreResponse,
+    ServeSettings,
+    UnknownAdapter,
+    chat_chunk,
+    chat_completion,
+)
+
+# Swagger UI (/docs) and ReDoc (/redoc) from the assets inside fastapi-offline, not a CDN: GPU
+# clusters are often offline.
+api = FastAPIOffline(
+    title="LatentQA",
+    version="1",
+    description="Read a chat model's activations in plain language, score answers about them, and "
+    "steer the model with control adapters. Errors: 422 names the field, 404 an unknown decoder, "
+    "control or job, 401 a missing or wrong bearer token (when auth is on).",
+)
+
+
+def _error(status: int, fields: list[tuple[list, str]]) -> JSONResponse:
+    detail = [{"loc": loc, "msg": msg} for loc, msg in fields]
+    message = "; ".join(f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in fields)
+    return JSONResponse({"detail": detail, "message": message}, status_code=status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    return _error(422, [(list(e["loc"]), e["msg"]) for e in err.errors()])
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(
+        {"detail": err.detail, "message": str(err.detail)}, status_code=err.status_code, headers=err.headers
+    )
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, err: RequestError) -> JSONResponse:
+    return _error(err.status, [(["body", *err.field.split(".")], err.message)])
+
+
+def _bearer(request: Request) -> None:
+    """Bearer-token auth when the gateway was started with its token variable set."""
+    token = request.app.state.token
+    given = request.headers.get("authorization", "")
+    if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise _Unauthorized()
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+@api.exception_handler(_Unauthorized)
+async def _unauthorized(request: Request, err: _Unauthorized) -> JSONResponse:
+    return JSONResponse(
+        {"detail": "missing or wrong bearer token", "message": "missing or wrong bearer token"},
+        status_code=401,
+        headers={"WWW-Authenticate": "Bearer"},
+    )
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The user exception inside a Ray task error, so RequestError reaches its handler intact."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err
+
+
+AUTH = [Depends(_bearer)]
+
+
+@serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, model: DeploymentHandle, steering: DeploymentHandle, settings: dict):
+        self.model, self.steering = model, steering
+        self.settings = ServeSettings.model_validate(settings)
+        uri = self.settings.tracking_uri()
+        self.decoders = AdapterCatalog("decoder", self.settings.decoders, uri)
+        self.controls = AdapterCatalog("control", self.settings.controls, uri)
+        api.state.token = os.environ.get(self.settings.auth_token_env) or None
+
+    async def _call(self, method: str, adapter_id: str | None, *args, stream: bool = False):
+        handle = self.model.options(multiplexed_model_id=adapter_id or "", stream=stream)
+        if stream:
+            return getattr(handle, method).remote(*args)
+        try:
+            return await getattr(handle, method).remote(*args)
+        except Exception as err:
+            raise _cause(err) from None
+
+    async def _decoder(self, name: str | None) -> str:
+        return await asyncio.to_thread(self.decoders.locate, name or self.settings.decoder_name(), "decoder")
+
+    @api.get("/healthz", tags=["ops"])
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/decoders", tags=["read"], dependencies=AUTH)
+    async def list_decoders(self) -> dict:
+        rows = await asyncio.to_thread(self.decoders.listing, self.settings.control_model_prefix)
+        return {"default": self.settings.decoder_name(), "decoders": rows}
+
+    @api.post("/v1/read", tags=["read"], response_model=ReadResponse, dependencies=AUTH)
+    async def read(self, body: ReadRequest) -> ReadResponse:
+        """Answer every question about every dialog from the dialog's activations."""
+        decoder = await self._decoder(body.decoder)
+        dialogs = [[m.model_dump() for m in d] for d in body.dialogs]
+        layer, answers = await self._call(
+            "read", decoder, dialogs, body.questions, body.read_layer, body.max_new_tokens
+        )
+        results = [[ReadAnswer(question=q, answer=a) for q, a in zip(body.questions, row)] for row in answers]
+        return ReadResponse(decoder=decoder, read_layer=layer, results=results)
+
+    @api.post("/v1/score", tags=["read"], response_model=ScoreResponse, dependencies=AUTH)
+    async def score(self, body: ScoreRequest) -> ScoreResponse:
+        """Rank candidate answers to a question about a dialog by the decoder's loss, best first."""
+        decoder = await self._decoder(body.decoder)
+        dialog = [m.model_dump() for m in body.dialog]
+        layer, ranked = await self._call("score", decoder, dialog, body.question, body.candidates, body.read_layer)
+        return ScoreResponse(
+            decoder=decoder, read_layer=layer, ranked=[ScoredCandidate(answer=a, loss=loss) for a, loss in ranked]
+        )
+
+    @api.get("/v1/models", tags=["chat"], dependencies=AUTH)
+    async def models(self) -> dict:
+        """The chat `model` names: the target, and the control adapters."""
+        rows = await asyncio.to_thread(self.controls.listing)
+        names = (
+            [self.settings.target_name]
+            + [r["name"] for r in rows if r["kind"] == "configured"]
+            + [
+                f"{r['name']}/{r['latest_version']}"
+                for r in rows
+                if r["kind"] == "registered" and r["name"].startswith(self.settings.control_model_prefix)
+            ]
+        )
+        return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "latentqa"} for n in names]}
+
+    @api.post("/v1/chat/completions", tags=["chat"], dependencies=AUTH)
+    async def chat_completions(self, body: ChatRequest):
+        """The target behind the OpenAI chat-completions API; `model` picks a control adapter."""
+        adapter = (
+            None
+            if body.model == self.settings.target_name
+            else await asyncio.to_thread(self.controls.locate, body.model, "model")
+        )
+        messages = [m.model_dump() for m in body.messages]
+        options = {
+            "max_tokens": body.new_tokens,
+            "temperature": body.temperature,
+            "top_p": body.top_p,
+            "seed": body.seed,
+        }
+        if not body.stream:
+            out = await self._call("chat", adapter, messages, options)
+            return chat_completion(
+                body.model, out["text"], out["prompt_tokens"], out["completion_tokens"], out["finish"]
+            )
+        parts = await self._call("chat_stream", adapter, messages, options, stream=True)
+        try:  # the first part comes after the replica's checks: a bad request still gets its 4xx
+            first = await parts.__anext__()
+        except Exception as err:
+            raise _cause(err) from None
+        return StreamingResponse(self._sse(first, parts, body.model), media_type="text/event-stream")
+
+    async def _sse(self, first: dict, parts, model: str):
+        import json
+
+        async def all_parts():
+            yield first
+            async for part in parts:
+                yield part
+
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        yield f"data: {json.dumps(chat_chunk(completion_id, model, {'role': 'assistant', 'content': ''}))}\n\n"
+        try:
+            async for part in all_parts():
+                if "delta" in part:
+                    yield f"data: {json.dumps(chat_chunk(completion_id, model, {'content': part['delta']}))}\n\n"
+                else:
+                    yield f"data: {json.dumps(chat_chunk(completion_id, model, {}, part['finish']))}\n\n"
+        except Exception as err:  # headers are sent: report in-band, as OpenAI does
+            err = _cause(err)
+            yield f"data: {json.dumps({'error': {'message': str(err), 'type': type(err).__name__}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    @api.post("/v1/controls", tags=["control"], status_code=202, response_model=ControlJob, dependencies=AUTH)
+    async def start_control(self, body: ControlRequest) -> ControlJob:
+        """Start training a control adapter; poll GET /v1/controls/{id} for progress."""
+        decoder = await self._decoder(body.decoder)
+        try:
+            job_id = await self.steering.submit.remote(body.model_dump(), decoder)
+        except Exception as err:
+            raise _cause(err) from None
+        return await self.get_control(job_id)
+
+    @api.get("/v1/controls/{job_id}", tags=["control"], response_model=ControlJob, dependencies=AUTH)
+    async def get_control(self, job_id: str) -> ControlJob:
+        """Status and progress of a control job; when it succeeded, `adapter` is the chat `model`."""
+        status = await asyncio.to_thread(controls.job_status, self.settings.tracking_uri(), job_id)
+        if status is None:
+            raise UnknownAdapter("job_id", f"no control job {job_id!r}")
+        return ControlJob(**status)

@@ -1,0 +1,242 @@
+"""The `ModelReplica` deployment: one base model per replica. Decoders and control adapters are
+Serve-multiplexed on it (LRU, `max_adapters_per_replica`), reads are batched with @serve.batch,
+and all model work runs on one worker thread so the replica's event loop keeps answering."""
+
+import asyncio
+import tempfile
+import uuid
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+
+from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
+from latentqa_platform.serving import RequestError, ServeSettings
+
+
+@dataclass
+class ServedAdapter:
+    """One multiplexed adapter on a replica; Serve calls __del__ when the LRU evicts it."""
+
+    replica: "ModelReplica"
+    peft_name: str
+    read_layer: int
+
+    def __del__(self):
+        # Serve runs this on an executor thread: queue the unload behind any model work in flight.
+        if self.peft_name and self.replica.work is not None:
+            name, self.peft_name = self.peft_name, ""
+            self.replica.work.submit(self.replica.adapters.unload, name).result()
+
+
+@dataclass(frozen=True)
+class ReadJob:
+    adapter: ServedAdapter
+    dialogs: list[list[dict]]
+    questions: list[str]
+    read_layer: int
+    max_new_tokens: int
+
+
+@serve.deployment(name="ModelReplica", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
+class ModelReplica:
+    def __init__(self, settings: dict):
+        from latentqa.session import LatentQA
+
+        self.work = None
+        self.reads_in_flight = 0
+        self.last_batch_size = 0
+        self.settings = ServeSettings.model_validate(settings)
+        uri = self.settings.tracking_uri()
+        self.catalogs = {
+            "decoder": AdapterCatalog("decoder", self.settings.decoders, uri),
+            "control": AdapterCatalog("control", self.settings.controls, uri),
+        }
+        config = self.settings.engine_config()
+        with tempfile.TemporaryDirectory() as tmp:
+            default_id = self.catalogs["decoder"].locate(self.settings.decoder_name(), "decoder")
+            fetched = self.catalogs["decoder"].fetch(default_id, Path(tmp))
+            self.lqa = LatentQA.load(config, fetched.folder)
+        # The default decoder stays in the engine's own "decoder" slot; others are multiplexed.
+        self.adapters = self.lqa.model.adapters = SharedAdapters(self.lqa.model.adapters)
+        self.default = ServedAdapter(self, "decoder", self._read_layer(fetched))
+        self.default_id = default_id
+        self.work = ThreadPoolExecutor(1, thread_name_prefix="latentqa-model")
+
+        async def load(adapter_id: str) -> ServedAdapter:  # multiplexed() keeps its cache on a plain function
+            return await self._load(adapter_id)
+
+        self.adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_adapters_per_replica)(load)
+        self.read_batch = serve.batch(
+            max_batch_size=self.settings.max_batch_size, batch_wait_timeout_s=self.settings.batch_wait_timeout_s
+        )(self._read_many)
+
+    def _read_layer(self, fetched) -> int:
+        """A decoder reads at the layer it was trained for, unless a request says otherwise; it
+        must write where this replica patches."""
+        config = fetched.config or self.settings.engine_config()
+        served = self.settings.engine_config().patch
+        if (config.patch.write_layer, config.patch.mode) != (served.write_layer, served.mode):
+            raise RequestError(
+                "decoder",
+                f"trained to write at block {config.patch.write_layer} ({config.patch.mode}); "
+                f"this app patches block {served.write_layer} ({served.mode})",
+            )
+        return config.patch.read_layer
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.work, fn, *args)
+
+    async def _load(self, adapter_id: str) -> ServedAdapter:
+        kind = "control" if adapter_id.startswith("control:") else "decoder"
+        with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
+            fetched = await asyncio.to_thread(self.catalogs[kind].fetch, adapter_id, Path(tmp))
+            read_layer = self._read_layer(fetched) if kind == "decoder" else 0
+            peft_name = f"a{uuid.uuid4().hex[:12]}"
+            await self._run(self.adapters.load, fetched.folder, peft_name)
+        return ServedAdapter(self, peft_name, read_layer)
+
+    async def _current(self) -> ServedAdapter | None:
+        """The adapter this request was routed for (its multiplexed id), or None (the target)."""
+        adapter_id = serve.get_multiplexed_model_id()
+        if not adapter_id:
+            return None
+        return self.default if adapter_id == self.default_id else await self.adapter(adapter_id)
+
+    def _check(self, dialogs: list[list[dict]], field: str, read_layer: int | None) -> None:
+        """Per-request checks that need the tokenizer or the model, done before batching so that
+        one bad request never fails the others in its batch."""
+        from latentqa.reading import dialog_to_read
+
+        limit = self.settings.max_turn_tokens
+        for d, dialog in enumerate(dialogs):
+            for m, message in enumerate(dialog):
+                tokens = len(self.lqa.chat_format.encode([message["content"]], plain=True)[0])
+                if tokens > limit:
+                    raise RequestError(f"{field}.{d}.{m}.content", f"{tokens} tokens; a turn may have at most {limit}")
+            try:
+                self.lqa.layout.read_side(dialog_to_read(dialog))
+            except Exception as err:  # a role or shape the chat template rejects
+                raise RequestError(f"{field}.{d}", str(err)) from None
+        if read_layer is not None and not 0 <= read_layer < self.lqa.model.num_layers:
+            raise RequestError("read_layer", f"{read_layer} is outside the target's {self.lqa.model.num_layers} blocks")
+
+    async def read(self, dialogs: list[list[dict]], questions: list[str], read_layer: int | None, max_new_tokens: int):
+        adapter = await self._current() or self.default
+        layer = adapter.read_layer if read_layer is None else read_layer
+        self._check(dialogs, "dialogs", layer)
+        # Wait for company only where there is some: other reads in flight, or a last batch of
+        # several (their clients are about to send again). A lone client's read starts at once.
+        concurrent = self.reads_in_flight > 0 or self.last_batch_size > 1
+        self.read_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s if concurrent else 0.0)
+        self.reads_in_flight += 1
+        try:
+            return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
+        finally:
+            self.reads_in_flight -= 1
+
+    async def _read_many(self, jobs: list[ReadJob]) -> list[list[list[str]]]:
+        """One engine `read` per (decoder, layer, length) group of the batch: the target pass is
+        shared by every dialog of the group."""
+        self.last_batch_size = len(jobs)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, job in enumerate(jobs):
+            groups[(job.adapter.peft_name, job.read_layer, job.max_new_tokens)].append(i)
+        results: list[Any] = [None] * len(jobs)
+        for (peft_name, layer, max_new), members in groups.items():
+            dialogs = [d for i in members for d in jobs[i].dialogs]
+            questions = [jobs[i].questions for i in members for _ in jobs[i].dialogs]
+            answers = await self._run(self._read_group, peft_name, dialogs, questions, layer, max_new)
+            for i in members:
+                results[i], answers = answers[: len(jobs[i].dialogs)], answers[len(jobs[i].dialogs) :]
+        return results
+
+    def _read_group(self, peft_name, dialogs, questions, layer, max_new_tokens):
+        from latentqa.reading import read
+
+        if not self.adapters.has(peft_name):
+            raise RequestError("decoder", "the decoder was evicted while the request waited; retry")
+        with self.adapters.routed(decoder=peft_name):
+            return read(
+                self.lqa,
+                dialogs,
+                questions,
+                read_layer=layer,
+                max_new_tokens=max_new_tokens,
+                batch_size=self.settings.max_batch_size,
+            )
+
+    async def score(self, dialog: list[dict], question: str, candidates: list[str], read_layer: int | None):
+        from latentqa.reading import score
+
+        adapter = await self._current() or self.default
+        layer = adapter.read_layer if read_layer is None else read_layer
+        self._check([dialog], "dialog", layer)
+
+        def run():
+            with self.adapters.routed(decoder=adapter.peft_name):
+                return [(s.answer, s.loss) for s in score(self.lqa, dialog, question, candidates, read_layer=layer)]
+
+        return layer, await self._run(run)
+
+    # ----- chat: the target (with or without a control adapter) as a chat model
+    def _prompt(self, messages: list[dict]) -> list[int]:
+        self._check([messages], "messages", None)
+        return self.lqa.chat_format.prompt_ids(messages)
+
+    def _generate(self, peft_name: str | None, prompt: list[int], options: dict, streamer=None) -> list[int]:
+        import torch
+
+        ids = torch.tensor([prompt], device=self.lqa.device)
+        sampling = {"do_sample": False}
+        if options["temperature"] > 0:
+            sampling = {"do_sample": True, "temperature": options["temperature"], "top_p": options["top_p"]}
+            if options["seed"] is not None:
+                torch.manual_seed(options["seed"])
+        with self.adapters.use(peft_name), torch.no_grad():
+            out = self.lqa.model.peft_model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=options["max_tokens"],
+                eos_token_id=sorted(self.lqa.stop_ids),
+                pad_token_id=self.lqa.chat_format.pad_id,
+                streamer=streamer,
+                **sampling,
+            )
+        return out[0, len(prompt) :].tolist()
+
+    def _finish(self, tokens: list[int]) -> tuple[list[int], str]:
+        for i, token in enumerate(tokens):
+            if token in self.lqa.stop_ids:
+                return tokens[:i], "stop"
+        return tokens, "length"
+
+    async def chat(self, messages: list[dict], options: dict) -> dict:
+        adapter = await self._current()
+        prompt = self._prompt(messages)
+        tokens, finish = self._finish(await self._run(self._generate, adapter and adapter.peft_name, prompt, options))
+        return {
+            "text": self.lqa.decode(tokens),
+            "prompt_tokens": len(prompt),
+            "completion_tokens": len(tokens),
+            "finish": finish,
+        }
+
+    async def chat_stream(self, messages: list[dict], options: dict):
+        """Text deltas as the target generates them, then {"finish": reason}."""
+        from transformers import AsyncTextIteratorStreamer
+
+        adapter = await self._current()
+        prompt = self._prompt(messages)
+        streamer = AsyncTextIteratorStreamer(self.lqa.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        generation = asyncio.ensure_future(
+            self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer)
+        )
+        async for text in streamer:
+            if text:
+                yield {"delta": text}
+        _, finish = self._finish(await generation)
+        yield {"finish": finish}

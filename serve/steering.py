@@ -1,0 +1,68 @@
+"""The `Steering` deployment: control jobs, one at a time on a background thread; their state
+lives in MLflow."""
+
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from ray import serve
+
+from latentqa_platform import controls
+from latentqa_platform.adapters import AdapterCatalog
+from latentqa_platform.serving import ControlRequest, ServeSettings
+
+
+@serve.deployment(name="Steering", num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
+class Steering:
+    """Runs control jobs one at a time on a background thread, so submitting returns at once."""
+
+    def __init__(self, settings: dict):
+        self.settings = ServeSettings.model_validate(settings)
+        self.catalog = AdapterCatalog("decoder", self.settings.decoders, self.settings.tracking_uri())
+        self.queue = ThreadPoolExecutor(1, thread_name_prefix="latentqa-steer")
+        self.session = None  # (decoder id, LatentQA): kept while jobs use the same decoder
+
+    def submit(self, request: dict, decoder_id: str) -> str:
+        body = ControlRequest.model_validate(request)
+        from latentqa.paths import RUNS_DIR
+
+        params = {
+            "steps": str(body.steps or self.settings.engine_config().steer.steps),
+            "decoder": decoder_id,
+            "source": "qa" if body.qa else "instruction",
+        }
+        run = controls.open_job(self.settings.mlflow, RUNS_DIR, body.name, params)
+        self.queue.submit(self._run, run, body, decoder_id)
+        return run.run_id
+
+    def _session(self, decoder_id: str):
+        from latentqa.session import LatentQA
+
+        if self.session is None or self.session[0] != decoder_id:
+            self.session = None  # free the previous copy first
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self.catalog.fetch(decoder_id, Path(tmp)).folder
+                self.session = (decoder_id, LatentQA.load(self.settings.engine_config(), folder))
+        return self.session[1]
+
+    def _run(self, run, body: ControlRequest, decoder_id: str) -> None:
+        try:
+            lqa = self._session(decoder_id)
+        except Exception as err:
+            run.client().set_tag(run.run_id, controls.ERROR_TAG, f"loading the decoder: {err}"[:5000])
+            controls.finish_run(run, "FAILED")
+            return
+        prompts, heldout = self.settings.read_prompts()
+        controls.run_job(
+            lqa,
+            run,
+            self.settings.control_model_prefix + body.name,
+            body.qa,
+            body.instruction,
+            body.questions or self.settings.control_questions,
+            prompts,
+            {"control": body.name, "decoder": decoder_id, "target_model": lqa.config.model.path},
+            body.steps,
+            body.lr,
+            heldout[:3],
+        )
