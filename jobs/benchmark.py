@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -84,37 +82,23 @@ def engine_rows(args, names: list[str]) -> list[dict]:
     rows = []
     needs_model = {"read", "train_step", "early_exit", "suite"} & set(names)
     if needs_model:
-        from latentqa.session import LatentQA
-
-        size = bm.ModelSize(
-            hidden=args.hidden,
-            layers=args.layers,
-            intermediate=args.intermediate,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-        )
-        with tempfile.TemporaryDirectory() as tmp:
-            model_dir = bm.write_model_dir(size, bm._vocab(args.tokenizer), Path(tmp))
-            config = bm.engine_config(
-                model_dir,
-                args.tokenizer,
-                args.read_layer,
-                device=args.device,
-                dtype=args.dtype or "float32",
-                batch_size=args.batch_size,
-            )
-            lqa = LatentQA.load(config, train_decoder=True)
+        shape = {"hidden": args.hidden, "layers": args.layers, "intermediate": args.intermediate}
+        size = bm.ModelSize(**shape, heads=args.heads, kv_heads=args.kv_heads)
+        engine = {"device": args.device, "dtype": args.dtype or "float32", "batch_size": args.batch_size}
+        lqa = bm.random_session(size, args.tokenizer, args.read_layer, **engine)
         if "early_exit" in names:
-            rows.append(report(bm.early_exit(lqa, args.repeats, args.batch_size)))
+            rows.append(bm.print_row(bm.early_exit(lqa, args.repeats, args.batch_size)))
         if "read" in names:
-            rows.append(report(bm.read_overhead(lqa, args.repeats, args.questions, args.new_tokens)))
+            rows.append(bm.print_row(bm.read_overhead(lqa, args.repeats, args.questions, args.new_tokens)))
         if "suite" in names:
-            rows.append(report(bm.suite_overhead(lqa, args.repeats, args.suite_items)))
+            rows.append(bm.print_row(bm.suite_overhead(lqa, args.repeats, args.suite_items)))
         if "train_step" in names:  # last: it trains the decoder
-            rows.append(report(bm.train_step_overhead(lqa, args.repeats, args.batch_size)))
+            rows.append(bm.print_row(bm.train_step_overhead(lqa, args.repeats, args.batch_size)))
     if "layout" in names:
         rows.append(
-            report(bm.layout_throughput(args.repeats, args.layout_examples, args.layout_data, args.layout_tokenizer))
+            bm.print_row(
+                bm.layout_throughput(args.repeats, args.layout_examples, args.layout_data, args.layout_tokenizer)
+            )
         )
     if "memory" in names:
         size = dataclasses.replace(
@@ -123,7 +107,7 @@ def engine_rows(args, names: list[str]) -> list[dict]:
             layers=args.memory_layers,
             intermediate=args.memory_intermediate,
         )
-        rows.append(report(bm.memory(args.memory_repeats, size)))
+        rows.append(bm.print_row(bm.memory(args.memory_repeats, size)))
     return rows
 
 
@@ -136,23 +120,14 @@ def platform_rows(args, names: list[str]) -> list[dict]:
         config = load_config(
             overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}}
         )
-        rows.append(report(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
+        rows.append(bm.print_row(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
     if "serve" in names:
         sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
         from serve.benchmark import serve_benchmarks
 
         for r in serve_benchmarks(args.serve_repeats, args.serve_requests, args.serve_clients, args.serve_new_tokens):
-            rows.append(report(r))
+            rows.append(bm.print_row(r))
     return rows
-
-
-def report(r: dict) -> dict:
-    print(
-        f"{r['name']}: measured {bm._fmt(r['measured'])} vs baseline {bm._fmt(r['baseline'])} {r['unit']}, "
-        f"ratio {bm._fmt(r['ratio'])} (target {r['target']}: {bm._fmt(r['met'])})",
-        flush=True,
-    )
-    return r
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -173,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = bm.LLAMA3_TOKENIZER if bm.LLAMA3_TOKENIZER.exists() else args.tokenizer
         dtype = args.dtype or ("bfloat16" if args.preset == "llama3-8b" else "float32")
         rows = [
-            report(r)
+            bm.print_row(r)
             for r in bm.gpu_preset(
                 size, args.device, args.repeats, tokenizer, read_layer=15, peak_tflops=args.peak_tflops, dtype=dtype
             )
@@ -184,25 +159,9 @@ def main(argv: list[str] | None = None) -> int:
         if any(n in PLATFORM for n in names):
             rows += platform_rows(args, [n for n in names if n in PLATFORM])
     elapsed = time.perf_counter() - started
-    result = {
-        "command": command,
-        "machine": info,
-        "seconds": elapsed,
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "results": rows,
-    }
-    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
-    table = bm.markdown_table(rows)
-    (out / "results.md").write_text(
-        f"# Benchmarks\n\n`{command}` in {elapsed:.0f} s on {json.dumps(info)}\n\n{table}\n"
-    )
-    picture = bm.plot(rows, out)
-    print(table)
-    print(
-        f"wrote {out / 'results.json'}, {out / 'results.md'}"
-        + (f", {picture}" if picture else "")
-        + f" in {elapsed:.0f} s"
-    )
+    written = bm.write_results(out, command, info, elapsed, {k: str(v) for k, v in vars(args).items()}, rows)
+    print(bm.markdown_table(rows))
+    print(f"wrote {', '.join(str(p) for p in written)} in {elapsed:.0f} s")
     return 0
 
 

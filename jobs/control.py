@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import ray
 
 from latentqa.config import ConfigError
 from latentqa_platform import controls
-from latentqa_platform.batchjobs import parse, run_main
+from latentqa_platform.batchjobs import connect, parse, run_main
 from latentqa_platform.serving import ControlRequest, ServeSettings
 
 PREFIX = ServeSettings().control_model_prefix
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         raise ConfigError(f"{args.control or '--instruction'}: {err}") from None
     output_dir = Path(config.train.output_dir).resolve()
+    connect(args, settings, output_dir / "logs" / f"control-{body.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     params = {"steps": str(config.steer.steps), "decoder": args.decoder, "source": "qa" if body.qa else "instruction"}
     run = controls.open_job(settings.mlflow, output_dir, body.name, params)
     print(f"mlflow: control job run {run.run_id} at {run.tracking_uri}")
-    ray.init(address=settings.ray.address, log_to_driver=True)
     task = ray.remote(control_task).options(
         num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0
     )

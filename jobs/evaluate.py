@@ -31,7 +31,7 @@ from mlflow.exceptions import MlflowException
 from latentqa.cli import add_suite_arguments, suite_options
 from latentqa.config import ConfigError
 from latentqa_platform import raydata, tracking
-from latentqa_platform.batchjobs import job_tracking_uri, parse, run_main
+from latentqa_platform.batchjobs import connect, job_tracking_uri, parse, run_main
 
 PREFIX = "heldout/"
 
@@ -99,17 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("data.eval: no held-out set configured")
     uri = job_tracking_uri(config, settings)
     output_dir = Path(config.train.output_dir).resolve()
+    connect(args, settings, output_dir / "logs" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.log")
     to = destination(args.decoder, uri, settings.mlflow, output_dir)
     run = to.run
-    raydata.connect(settings.ray.address)
-    try:
-        rows = raydata.read_set(config.data.eval, "eval").examples.take_all()
-    except Exception as err:  # the engine's DataError, possibly wrapped by Ray
-        found = raydata.data_error(err)
-        if found is None:
-            raise
-        print(f"data error: {found}", file=sys.stderr)
-        return 2
+    rows = raydata.read_set(config.data.eval, "eval").examples.take_all()
     task = ray.remote(evaluate_task).options(
         num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0
     )

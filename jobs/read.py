@@ -25,8 +25,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from latentqa.config import ConfigError
 from latentqa.data import DEFAULT_QUESTIONS
-from latentqa_platform import raydata
-from latentqa_platform.batchjobs import job_tracking_uri, parse, run_main
+from latentqa_platform.batchjobs import connect, job_tracking_uri, parse, run_main
 from latentqa_platform.serving import Dialog
 
 
@@ -37,7 +36,7 @@ def _arguments(parser) -> None:
     parser.add_argument("--question", action="append", help=f"repeatable (default: {DEFAULT_QUESTIONS})")
     parser.add_argument("--shard-size", type=int, default=64, help="dialogs per output shard")
     parser.add_argument("--layer", type=int, help="read layer (default: the config's patch.read_layer)")
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
 
 
 def load_dialogs(path: Path) -> list[dict]:
@@ -128,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(rows)} dialogs in {len(shards)} shards; {len(pending)} to read, {len(shards) - len(pending)} already done"
     )
     if pending:
-        raydata.connect(settings.ray.address)
+        connect(args, settings, output / "console.log")
         done = (
             ray.data.from_items(pending)
             .map_batches(

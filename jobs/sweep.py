@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from latentqa_platform.batchjobs import run_main
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--values", nargs="+", required=True, help="values to try (read as YAML scalars)")
     parser.add_argument("--name", default="sweep", help="sweep name: runs are <name>-<value>")
     args, overrides = parser.parse_known_args(argv)
-    output_dir = Path(train.parse_args(overrides)[0].train.output_dir)  # validated as the runs will be
+    output_dir = Path(train.parse_args(overrides)[1].train.output_dir)  # validated as the runs will be
     results = []
     for value in args.values:
         run_name = f"{args.name}-{value}"
@@ -82,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

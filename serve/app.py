@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ray import serve
 
+from latentqa_platform import console
 from latentqa_platform.serving import ServeSettings
 from serve.gateway import Gateway
 from serve.replica import ModelReplica
@@ -56,4 +57,14 @@ def application(settings: ServeSettings, model=ModelReplica, steering=Steering, 
     """The three deployments bound together; callers in Python may pass deployments with
     `.options(...)` (replicas, resources, runtime_env)."""
     args = settings.model_dump(mode="json")
+    if not settings.verbose:
+        model, steering, gateway = (_quiet(d) for d in (model, steering, gateway))
     return gateway.bind(model.bind(args), steering.bind(args), args)
+
+
+def _quiet(deployment: serve.Deployment) -> serve.Deployment:
+    """The deployment with `console.QUIET_REPLICA_ENV` added to its actors' environment."""
+    options = dict(deployment.ray_actor_options or {})
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**console.QUIET_REPLICA_ENV, **runtime_env.get("env_vars", {})}
+    return deployment.options(ray_actor_options={**options, "runtime_env": runtime_env})

@@ -14,7 +14,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from latentqa_platform import controls
+from latentqa_platform import console, controls
 from latentqa_platform.adapters import AdapterCatalog
 from latentqa_platform.serving import (
     ChatRequest,
@@ -103,6 +103,8 @@ class Gateway:
     def __init__(self, model: DeploymentHandle, steering: DeploymentHandle, settings: dict):
         self.model, self.steering = model, steering
         self.settings = ServeSettings.model_validate(settings)
+        if not self.settings.verbose:
+            console.quiet_replica()
         uri = self.settings.tracking_uri()
         self.decoders = AdapterCatalog("decoder", self.settings.decoders, uri)
         self.controls = AdapterCatalog("control", self.settings.controls, uri)

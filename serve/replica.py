@@ -13,6 +13,7 @@ from typing import Any
 
 from ray import serve
 
+from latentqa_platform import console
 from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
 from latentqa_platform.serving import RequestError, ServeSettings
 
@@ -50,6 +51,8 @@ class ModelReplica:
         self.reads_in_flight = 0
         self.last_batch_size = 0
         self.settings = ServeSettings.model_validate(settings)
+        if not self.settings.verbose:
+            console.quiet_replica()
         uri = self.settings.tracking_uri()
         self.catalogs = {
             "decoder": AdapterCatalog("decoder", self.settings.decoders, uri),

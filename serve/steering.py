@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ray import serve
 
-from latentqa_platform import controls
+from latentqa_platform import console, controls
 from latentqa_platform.adapters import AdapterCatalog
 from latentqa_platform.serving import ControlRequest, ServeSettings
 
@@ -18,6 +18,8 @@ class Steering:
 
     def __init__(self, settings: dict):
         self.settings = ServeSettings.model_validate(settings)
+        if not self.settings.verbose:
+            console.quiet_replica()
         self.catalog = AdapterCatalog("decoder", self.settings.decoders, self.settings.tracking_uri())
         self.queue = ThreadPoolExecutor(1, thread_name_prefix="latentqa-steer")
         self.session = None  # (decoder id, LatentQA): kept while jobs use the same decoder

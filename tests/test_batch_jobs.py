@@ -77,6 +77,11 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     ]
     first = submit(ray_cluster, decoder, "read.py", *args)
     assert first.returncode == 0, tail(first)
+    # The job's console: its own lines; Ray's, MLflow's and the libraries' in the log it names.
+    assert f"Ray's, MLflow's and the libraries' messages: {out / 'console.log'}" in first.stdout, tail(first)
+    for noise in ("ShardReader pid=", "Warning", "streaming_executor"):
+        assert noise not in first.stdout, f"{noise!r} on the console:\n{tail(first)}"
+    assert "ray.data" in (out / "console.log").read_text()
     shards = sorted(out.glob("shard-*.jsonl"))
     assert [s.name for s in shards] == ["shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]
     rows = [json.loads(line) for s in shards for line in s.read_text().splitlines()]

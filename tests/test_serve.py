@@ -12,6 +12,7 @@ import json
 import os
 import statistics
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -129,6 +130,24 @@ def test_read_multi_turn_dialogs_and_choices_per_request(client, decoder):
     assert by_version["results"] == data["results"] == local["results"]  # one adapter, three ways to name it
     other = client.post("/v1/read", json={**body, "read_layer": 0})
     assert other.status_code == 200 and other.json()["read_layer"] == 0
+
+
+def test_replica_lines_go_to_serve_logs_not_the_console(client):
+    """Unless `verbose`, a replica's access lines and library warnings stay in Ray's Serve logs: its
+    stdout and stderr, which Ray forwards to `serve run`'s console, hold neither."""
+    import ray
+    from ray.util.state import list_actors
+
+    assert client.post("/v1/read", json={"dialogs": [DIALOG], "questions": ["Who?"], "max_new_tokens": 2}).is_success
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    serve_log = "".join(p.read_text() for p in (logs / "serve").glob(f"replica_{APP}_Gateway_*.log"))
+    assert "POST /v1/read 200" in serve_log
+    pids = [a.pid for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:ModelReplica")]) if a.pid]
+    pids += [a.pid for a in list_actors(filters=[("class_name", "=", f"ServeReplica:{APP}:Gateway")]) if a.pid]
+    streams = [p for pid in pids for p in logs.glob(f"worker-*-{pid}.*") if p.suffix in (".out", ".err")]
+    assert len(streams) >= 2 * len(pids) > 0
+    console = "".join(p.read_text() for p in streams)
+    assert "POST /v1/read" not in console and "Warning" not in console and "Loading weights" not in console
 
 
 def test_score_ranks_candidates_best_first(client):

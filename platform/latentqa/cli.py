@@ -64,6 +64,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .models import DECODER
     from .strategy import Strategy
     from .training import (
+        StepPlan,
         TrainProgress,
         adamw_factory,
         cosine_with_warmup,
@@ -84,9 +85,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     lqa = _load(config, train_decoder=True)
     laid = lqa.lay_out(train_examples, "train")
     lengths = [example_length(e) for e in laid]
-    batches_per_epoch = -(-len(laid) // train_cfg.batch_size)
-    steps_per_epoch = -(-batches_per_epoch // train_cfg.grad_accum)
-    total = train_cfg.max_steps or steps_per_epoch * train_cfg.epochs
+    plan = StepPlan.of(len(laid), train_cfg)
+    total = plan.total_steps
 
     def epoch_batches(epoch: int, skip: int):
         for indices in length_grouped_order(lengths, train_cfg.batch_size, train_cfg.seed + epoch)[skip:]:
@@ -117,7 +117,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     fit(
         strategy,
         epoch_batches,
-        steps_per_epoch,
+        plan,
         train_cfg,
         config.patch,
         TrainProgress(),
@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=help_text,
-            epilog=fields_help(engine_sections()) if configured else None,
+            epilog=fields_help(engine_sections(), {"strategy.kind": "local"}) if configured else None,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         p.set_defaults(func=func)
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--count", type=int, default=2, help="held-out dialogs to read when none is given")
     read_p = sub.choices["read"]
     read_p.add_argument("--question", action="append", help="a question (repeatable)")
-    read_p.add_argument("--max-new-tokens", type=int, default=48)
+    read_p.add_argument("--max-new-tokens", type=int, default=48, help="longest answer, in tokens")
     score_p = sub.choices["score"]
     score_p.add_argument("--question", required=True)
     score_p.add_argument("--candidates", nargs="+", required=True)

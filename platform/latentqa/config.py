@@ -273,12 +273,24 @@ def describe_fields(model: type[BaseModel], prefix: str, values: BaseModel | Non
     return rows
 
 
-def fields_help(sections: dict[str, type[BaseModel]]) -> str:
-    """Every field of every section, with its default and meaning: the epilog of `--help`."""
-    rows = [row for prefix, model in sections.items() for row in describe_fields(model, prefix)]
+def fields_help(sections: dict[str, type[BaseModel]], defaults: dict[str, str] | None = None) -> str:
+    """Every field a user may set, with its default and meaning: the epilog of `--help`.
+    `defaults` replaces the shown default of a key (`--strategy.kind`, which differs by command)."""
+    hidden = {f"--strategy.{key}" for key in STRATEGY_FROM_TRAIN}
+    rows = [
+        (key, (defaults or {}).get(key.removeprefix("--"), default), description)
+        for prefix, model in sections.items()
+        for key, default, description in describe_fields(model, prefix)
+        if key not in hidden
+    ]
     width = max(len(key) for key, _, _ in rows)
     lines = [f"  {key:<{width}}  {description} (default: {default})" for key, default, description in rows]
     return "config fields (override any with --section.field VALUE):\n" + "\n".join(lines)
+
+
+# Strategy fields set through the train section, which the single-process CLI shares with the
+# distributed job: `strategy.<key>` is refused, `train.<value>` sets it.
+STRATEGY_FROM_TRAIN = {"grad_accum_steps": "grad_accum", "max_grad_norm": "max_grad_norm", "ema_decay": "ema_decay"}
 
 
 def engine_sections() -> dict[str, type[BaseModel]]:

@@ -93,6 +93,7 @@ def _sha256(path: Path) -> str:
             desc=f"hashing {path.name}",
             leave=False,
             file=sys.stderr,
+            disable=None,  # on a terminal only: in a job's log a bar is noise
         ) as bar,
     ):
         for block in iter(lambda: handle.read(1 << 22), b""):

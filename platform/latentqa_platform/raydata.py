@@ -28,15 +28,17 @@ from latentqa.data import (
     parse_json_or_jsonl,
     parse_qa,
     parse_records,
+    read_dialog,
 )
 from latentqa.layout import LaidOutExample, Layout, LayoutError, ReadSide, WriteSide
 from latentqa.session import layout_for
 
 
-def connect(address: str | None) -> None:
-    """Join (or start) the cluster, with Ray Data set up for exact resumes."""
+def connect(address: str | None, log_to_driver: bool = True) -> None:
+    """Join (or start) the cluster, with Ray Data set up for exact resumes. `log_to_driver`: print
+    the workers' output here too (else it stays in Ray's logs)."""
     if not ray.is_initialized():
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     # Row order independent of task timing: the same seed gives the same shards and batches, so
@@ -164,3 +166,41 @@ def data_error(err: BaseException) -> Exception | None:
             return DataError(quoted.group(1).strip())
         err = getattr(err, "cause", None) or err.__cause__ or err.__context__
     return None
+
+
+@dataclass
+class TrainingSets:
+    """What a training job streams: the laid-out train set, the held-out examples it evaluates
+    on (at most `train.eval_batches` batches' worth), and every data file's sha256."""
+
+    train: ray.data.Dataset
+    eval: ray.data.Dataset | None
+    train_count: int
+    examples_per_worker: int  # the equal split across workers drops the remainder
+    files: dict[str, str]
+
+    def datasets(self) -> dict[str, ray.data.Dataset]:
+        return {"train": self.train, **({"eval": self.eval} if self.eval is not None else {})}
+
+
+def training_sets(config: LatentQAConfig, workers: int) -> TrainingSets:
+    """Read, check and lay out the train and held-out sets before any worker starts; raises
+    DataError naming file, record and field (Ray may wrap it: `data_error` finds it)."""
+    train = read_set(config.data.train, "train")
+    held_out = read_set(config.data.eval, "eval") if config.data.eval else None
+    laid_out = lay_out(train.examples, config)
+    count = laid_out.count()
+    eval_examples = held_out.examples if held_out else None
+    if eval_examples is not None and config.train.eval_batches:
+        eval_examples = eval_examples.limit(config.train.eval_batches * config.train.batch_size).materialize()
+    if count < workers:
+        raise DataError(f"{config.data.train.path}: {count} train examples for {workers} workers")
+    files = {**train.files, **(held_out.files if held_out else {})}
+    return TrainingSets(laid_out, eval_examples, count, count // workers, files)
+
+
+def held_out_dialog(eval_examples: ray.data.Dataset) -> list[dict]:
+    """A held-out record's read dialog, preferring a lone instruction (read whole, as `latentqa read`)."""
+    records = [Record.model_validate_json(r["record"]) for r in eval_examples.take(200)]
+    lone = [r for r in records if not r.system and not r.control_model]
+    return read_dialog((lone or records)[0]).messages

@@ -65,6 +65,9 @@ class ServeSettings(StrictModel):
         "Please describe the assistant's goal.",
     ]
     """Questions read under an instruction to build a control when a request gives no QA pairs."""
+    verbose: bool = False
+    """Each request's access lines, library warnings and loading bars on `serve run`'s console too;
+    false: only in Ray's Serve logs (`/tmp/ray/session_latest/logs/serve/`)."""
     max_adapters_per_replica: int = Field(4, ge=1)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)

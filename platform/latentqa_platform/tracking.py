@@ -11,9 +11,12 @@ decoder's model (`register_decoder`). `resolve_adapter` turns a registry URI (`m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
+import logging
 import re
 import subprocess
 import tempfile
@@ -89,6 +92,33 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = value if isinstance(value, str) else json.dumps(value)
     return out
+
+
+def train_params(
+    config: LatentQAConfig, job: dict, examples: int, total_steps: int, files: dict[str, str]
+) -> dict[str, str]:
+    """A training run's params: the engine config, the job's (`ray`, `strategy`), the data's size
+    and the sha256 of every data file (`data.sha256.<set>/<file>`)."""
+    return {
+        **flatten(json.loads(config.model_dump_json())),
+        **flatten(job),
+        "data.train.examples": str(examples),
+        "train.total_steps": str(total_steps),
+        **{f"data.sha256.{Path(p).parent.name}/{Path(p).name}": digest for p, digest in files.items()},
+    }
+
+
+def publish_run(run: RunRef, run_dir: Path, history: list[dict], logged_model: str, name: str, tags: dict) -> str:
+    """A finished training run: its run folder's files as artifacts, the loss curves, the final
+    checkpoint's logged model registered as a version of `name`; returns `name/version`."""
+    client = run.client()
+    client.log_artifacts(run.run_id, str(run_dir / "decoder"), "decoder")
+    for file in ("config.json", "job.json", "metrics.json"):
+        client.log_artifact(run.run_id, str(run_dir / file))
+    log_loss_curves(run, history)
+    registered = register_decoder(run.tracking_uri, logged_model, name, tags)
+    finish_run(run)
+    return registered
 
 
 def open_run(
@@ -225,7 +255,9 @@ def register_decoder(tracking: str, model_id: str, name: str, tags: dict[str, st
     # model from the default tracking store, and registers where that store's registry is. (No
     # set_registry_uri: it is process-wide and outranks every client's own tracking URI after.)
     mlflow.set_tracking_uri(tracking)
-    version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+    with contextlib.redirect_stderr(io.StringIO()) as said:  # MLflow prints its news to stderr; we say it once
+        version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+    logging.getLogger("mlflow").info(said.getvalue().strip())
     return f"{name}/{version.version}"
 
 
