@@ -1,6 +1,6 @@
 """The LatentQA Ray Serve application: read, score and control over HTTP.
 
-    serve run serve.app:build_app                # offline default; decoder: the latest under runs/
+    serve run serve.app:build_app auth=none      # offline default; decoder: the latest under runs/
     serve run serve.app:build_app settings=my_settings.yaml
     serve deploy serve/config.yaml               # replicas, autoscaling and settings from the file
 

@@ -5,7 +5,6 @@ the app."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import statistics
 import tempfile
@@ -58,12 +57,11 @@ def serve_benchmarks(
     mlflow = MlflowSettings(
         tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri()
     )
-    os.environ.pop("LATENTQA_API_TOKEN", None)
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     url = f"http://127.0.0.1:{port}"
     for name, batch in (("batched", clients), ("unbatched", 1)):
-        settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, max_batch_size=batch)
+        settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, max_batch_size=batch, auth="none")
         app = application(
             settings,
             model=ModelReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),

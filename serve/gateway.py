@@ -3,10 +3,10 @@ and to steering); it holds no model."""
 
 import asyncio
 import hmac
-import os
+import logging
 import uuid
 
-from fastapi import Depends, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
@@ -67,34 +67,46 @@ async def _request_error(request: Request, err: RequestError) -> JSONResponse:
     return _error(err.status, [(["body", *err.field.split(".")], err.message)])
 
 
-def _bearer(request: Request) -> None:
-    """Bearer-token auth when the gateway was started with its token variable set."""
-    token = request.app.state.token
-    given = request.headers.get("authorization", "")
-    if token and not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-        raise _Unauthorized()
+class RequestGuard:
+    """Before any route reads a byte of the body: the bearer token (401; every path but /healthz,
+    the API docs too), then the body's declared size (411 without one, 413 past the limit)."""
+
+    OPEN_PATHS = ("/healthz",)
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers, token, limit = dict(scope["headers"]), api.state.token, api.state.max_body_bytes
+        path = scope["path"].removeprefix(scope.get("root_path", ""))  # the app may sit under a route prefix
+        if token and path not in self.OPEN_PATHS:
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+                refusal = "missing or wrong bearer token"
+                return await _refuse(401, refusal, scope, receive, send, {"WWW-Authenticate": "Bearer"})
+        if scope["method"] in ("POST", "PUT", "PATCH"):
+            length = headers.get(b"content-length", b"")
+            if not length.isdigit():
+                return await _refuse(411, "a request body needs a Content-Length", scope, receive, send)
+            if int(length) > limit:
+                return await _refuse(413, f"the body is {int(length)} bytes; at most {limit}", scope, receive, send)
+        await self.app(scope, receive, send)
 
 
-class _Unauthorized(Exception):
-    pass
+async def _refuse(status: int, message: str, scope, receive, send, headers: dict | None = None) -> None:
+    response = JSONResponse({"detail": message, "message": message}, status_code=status, headers=headers)
+    await response(scope, receive, send)
 
 
-@api.exception_handler(_Unauthorized)
-async def _unauthorized(request: Request, err: _Unauthorized) -> JSONResponse:
-    return JSONResponse(
-        {"detail": "missing or wrong bearer token", "message": "missing or wrong bearer token"},
-        status_code=401,
-        headers={"WWW-Authenticate": "Bearer"},
-    )
+api.add_middleware(RequestGuard)
 
 
 def _cause(err: BaseException) -> BaseException:
     """The user exception inside a Ray task error, so RequestError reaches its handler intact."""
     cause = getattr(err, "cause", None)
     return cause if isinstance(cause, BaseException) else err
-
-
-AUTH = [Depends(_bearer)]
 
 
 @serve.deployment(name="Gateway", ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=64)
@@ -108,7 +120,11 @@ class Gateway:
         uri = self.settings.tracking_uri()
         self.decoders = AdapterCatalog("decoder", self.settings.decoders, uri)
         self.controls = AdapterCatalog("control", self.settings.controls, uri)
-        api.state.token = os.environ.get(self.settings.auth_token_env) or None
+        api.state.token = self.settings.auth_token()  # raises (the replica does not start) when auth has no token
+        api.state.max_body_bytes = self.settings.max_body_bytes
+        logging.getLogger("ray.serve").warning(
+            "auth: %s", "bearer token" if api.state.token else "none (every route is open)"
+        )
 
     async def _call(self, method: str, adapter_id: str | None, *args, stream: bool = False):
         handle = self.model.options(multiplexed_model_id=adapter_id or "", stream=stream)
@@ -126,12 +142,12 @@ class Gateway:
     async def healthz(self) -> dict:
         return {"status": "ok"}
 
-    @api.get("/v1/decoders", tags=["read"], dependencies=AUTH)
+    @api.get("/v1/decoders", tags=["read"])
     async def list_decoders(self) -> dict:
         rows = await asyncio.to_thread(self.decoders.listing, self.settings.control_model_prefix)
         return {"default": self.settings.decoder_name(), "decoders": rows}
 
-    @api.post("/v1/read", tags=["read"], response_model=ReadResponse, dependencies=AUTH)
+    @api.post("/v1/read", tags=["read"], response_model=ReadResponse)
     async def read(self, body: ReadRequest) -> ReadResponse:
         """Answer every question about every dialog from the dialog's activations."""
         decoder = await self._decoder(body.decoder)
@@ -142,7 +158,7 @@ class Gateway:
         results = [[ReadAnswer(question=q, answer=a) for q, a in zip(body.questions, row)] for row in answers]
         return ReadResponse(decoder=decoder, read_layer=layer, results=results)
 
-    @api.post("/v1/score", tags=["read"], response_model=ScoreResponse, dependencies=AUTH)
+    @api.post("/v1/score", tags=["read"], response_model=ScoreResponse)
     async def score(self, body: ScoreRequest) -> ScoreResponse:
         """Rank candidate answers to a question about a dialog by the decoder's loss, best first."""
         decoder = await self._decoder(body.decoder)
@@ -152,7 +168,7 @@ class Gateway:
             decoder=decoder, read_layer=layer, ranked=[ScoredCandidate(answer=a, loss=loss) for a, loss in ranked]
         )
 
-    @api.get("/v1/models", tags=["chat"], dependencies=AUTH)
+    @api.get("/v1/models", tags=["chat"])
     async def models(self) -> dict:
         """The chat `model` names: the target, and the control adapters."""
         rows = await asyncio.to_thread(self.controls.listing)
@@ -167,7 +183,7 @@ class Gateway:
         )
         return {"object": "list", "data": [{"id": n, "object": "model", "owned_by": "latentqa"} for n in names]}
 
-    @api.post("/v1/chat/completions", tags=["chat"], dependencies=AUTH)
+    @api.post("/v1/chat/completions", tags=["chat"])
     async def chat_completions(self, body: ChatRequest):
         """The target behind the OpenAI chat-completions API; `model` picks a control adapter."""
         adapter = (
@@ -215,7 +231,7 @@ class Gateway:
             yield f"data: {json.dumps({'error': {'message': str(err), 'type': type(err).__name__}})}\n\n"
         yield "data: [DONE]\n\n"
 
-    @api.post("/v1/controls", tags=["control"], status_code=202, response_model=ControlJob, dependencies=AUTH)
+    @api.post("/v1/controls", tags=["control"], status_code=202, response_model=ControlJob)
     async def start_control(self, body: ControlRequest) -> ControlJob:
         """Start training a control adapter; poll GET /v1/controls/{id} for progress."""
         decoder = await self._decoder(body.decoder)
@@ -225,7 +241,7 @@ class Gateway:
             raise _cause(err) from None
         return await self.get_control(job_id)
 
-    @api.get("/v1/controls/{job_id}", tags=["control"], response_model=ControlJob, dependencies=AUTH)
+    @api.get("/v1/controls/{job_id}", tags=["control"], response_model=ControlJob)
     async def get_control(self, job_id: str) -> ControlJob:
         """Status and progress of a control job; when it succeeded, `adapter` is the chat `model`."""
         status = await asyncio.to_thread(controls.job_status, self.settings.tracking_uri(), job_id)

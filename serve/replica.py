@@ -235,9 +235,14 @@ class ModelReplica:
         adapter = await self._current()
         prompt = self._prompt(messages)
         streamer = AsyncTextIteratorStreamer(self.lqa.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        generation = asyncio.ensure_future(
-            self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer)
-        )
+
+        async def generate():
+            try:
+                return await self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer)
+            finally:  # a generation that raised never ends its streamer, and the loop below would wait forever
+                streamer.end()
+
+        generation = asyncio.ensure_future(generate())
         async for text in streamer:
             if text:
                 yield {"delta": text}

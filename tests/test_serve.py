@@ -53,6 +53,7 @@ def app(ray_cluster, decoder):
         mlflow=decoder.mlflow_settings(),
         max_adapters_per_replica=2,
         max_turn_tokens=64,
+        max_body_bytes=200_000,
     )
     app = application(
         settings,
@@ -212,6 +213,45 @@ def test_auth_rejects_missing_and_wrong_tokens(app):
     assert httpx.get(f"{app}/healthz", timeout=30).status_code == 200  # probes need no token
 
 
+def test_a_body_past_the_limit_is_refused_before_it_is_read(app):
+    """413 from the declared size alone (auth first: a stranger's body is never read), 411 without one."""
+    huge = b'{"dialogs": [' + b" " * 300_000 + b"]}"
+    assert httpx.post(f"{app}/v1/read", content=huge, timeout=60).status_code == 401
+    refused = httpx.post(
+        f"{app}/v1/read", content=huge, headers={**AUTH, "content-type": "application/json"}, timeout=60
+    )
+    assert refused.status_code == 413 and "at most 200000" in refused.json()["message"]
+
+    def chunks():
+        yield b'{"dialogs": []'
+        yield b"}"
+
+    unsized = httpx.post(f"{app}/v1/read", content=chunks(), headers=AUTH, timeout=60)
+    assert unsized.status_code == 411, unsized.text
+
+
+def test_auth_fails_closed_without_a_token(tmp_path, monkeypatch):
+    """No token, an empty one, or a misspelt variable: the gateway refuses to start, naming where it
+    looked; a token file (a mounted Kubernetes Secret) works; `auth: none` is the explicit way out."""
+    from latentqa_platform.serving import ServeSettings
+
+    monkeypatch.delenv("LATENTQA_API_TOKEN", raising=False)
+    with pytest.raises(ValueError, match=r"\$LATENTQA_API_TOKEN holds none"):
+        ServeSettings().auth_token()
+    monkeypatch.setenv("LATENTQA_API_TOKEN", "  ")
+    with pytest.raises(ValueError, match="holds none"):
+        ServeSettings().auth_token()
+    monkeypatch.setenv("LATENTQA_API_TOKEN", "s3cret")
+    with pytest.raises(ValueError, match=r"\$LATENTQA_API_TOKN holds none"):
+        ServeSettings(auth_token_env="LATENTQA_API_TOKN").auth_token()
+    secret = tmp_path / "token"
+    secret.write_text("from-a-secret\n")
+    assert ServeSettings(auth_token_file=str(secret)).auth_token() == "from-a-secret"
+    with pytest.raises(ValueError, match="cannot read"):
+        ServeSettings(auth_token_file=str(tmp_path / "missing")).auth_token()
+    assert ServeSettings().auth_token() == "s3cret" and ServeSettings(auth="none").auth_token() is None
+
+
 # ---------------------------------------------------------------- OpenAI client, controls
 
 
@@ -273,6 +313,18 @@ def test_control_job_reports_progress_and_registers_an_adapter(pirate_job, decod
     assert registered.tags["latentqa.kind"] == "control"
     progress = [j["progress"] for j in seen]
     assert progress == sorted(progress)
+
+
+def test_a_stream_whose_generation_fails_ends_with_the_error(client):
+    """Sampling at a vanishing temperature makes the probabilities NaN and generate() raise midway:
+    the stream must end (an error event, then [DONE]) instead of holding the request forever."""
+    body = {"model": "target", "messages": DIALOG, "stream": True, "temperature": 1e-45, "max_tokens": 4}
+    with client.stream("POST", "/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events
+    assert client.post("/v1/chat/completions", json={**body, "stream": False, "temperature": 0}).status_code == 200
+    assert client.post("/v1/chat/completions", json={**body, "seed": 2**64}).status_code == 422
 
 
 def test_steered_model_over_the_openai_client(app, pirate_job):
@@ -409,7 +461,9 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
     for key in ("proxy_location", "http_options"):
         config.pop(key)
     [application] = config["applications"]
-    application.update(name="deployed", route_prefix="/deployed")
+    application.update(
+        name="deployed", route_prefix="/deployed", runtime_env={"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}
+    )
     # a batch wait far longer than any read here: a lone read on an idle replica must not pay it
     application["args"].update(
         decoders={"tiny": decoder.registry_uri}, mlflow=decoder.mlflow_settings(), batch_wait_timeout_s=10.0
@@ -439,12 +493,14 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
         status = serve.status().applications["deployed"]
         assert status.status.value == "RUNNING", status
         body = {"dialogs": [DIALOG], "questions": ["Who?"], "max_new_tokens": 4}
-        out = httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60)
+        assert httpx.get(f"{app}/deployed/healthz", timeout=30).status_code == 200  # under its prefix, open too
+        assert httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60).status_code == 401
+        out = httpx.post(f"{app}/deployed/v1/read", json=body, headers=AUTH, timeout=60)
         assert out.status_code == 200 and out.json()["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}", (
             out.text
         )
         started = time.perf_counter()
-        httpx.post(f"{app}/deployed/v1/read", json=body, timeout=60).raise_for_status()
+        httpx.post(f"{app}/deployed/v1/read", json=body, headers=AUTH, timeout=60).raise_for_status()
         assert time.perf_counter() - started < 5.0, "a lone read waited for a batch"
     finally:
         serve.delete("deployed")
@@ -486,7 +542,10 @@ def test_the_api_docs_render_with_no_network_beyond_the_app(app):
             elsewhere.append(route.request.url)
             route.abort()
 
+    assert httpx.get(f"{app}/docs", timeout=30).status_code == 401  # the docs follow the API's auth
+    assert httpx.get(f"{app}/openapi.json", timeout=30).status_code == 401
     with browser_page() as page:
+        page.set_extra_http_headers(AUTH)
         page.route("**/*", only_the_app)
         page.goto(f"{app}/docs")
         read_route = page.locator('.opblock-summary-path[data-path="/v1/read"]')  # Swagger breaks paths with <wbr>

@@ -9,6 +9,7 @@ before any model work; only the per-turn token limit needs the tokenizer and is 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -74,8 +75,32 @@ class ServeSettings(StrictModel):
     """How long a read waits for others to batch with, only where there are some (reads in flight,
     or a last batch of several); a lone client's read never waits."""
     max_turn_tokens: int = Field(512, ge=1)
+    auth: Literal["token", "none"] = "token"
+    """token: every route but /healthz (the API docs too) needs `Authorization: Bearer <token>`,
+    and the app refuses to start without a token; none: no auth (a loopback trial only)."""
+    auth_token_file: str | None = None
+    """A file holding the token, e.g. a mounted Kubernetes Secret; outranks `auth_token_env`."""
     auth_token_env: str = "LATENTQA_API_TOKEN"
-    """Bearer-token auth is on when this environment variable is set on the gateway replicas."""
+    """The environment variable holding the token on the gateway replicas (no file given)."""
+    max_body_bytes: int = Field(1 << 21, ge=1024)
+    """Largest request body, refused with 413 before it is read (so before it is parsed)."""
+
+    def auth_token(self) -> str | None:
+        """The bearer token; None with `auth: none`. Fails closed: with `auth: token`, an empty or
+        missing token stops the app from starting, naming where it looked."""
+        if self.auth == "none":
+            return None
+        if self.auth_token_file:
+            try:
+                token = Path(self.auth_token_file).read_text().strip()
+            except OSError as err:
+                raise ValueError(f"auth_token_file: cannot read {self.auth_token_file}: {err.strerror}") from None
+            where = f"auth_token_file {self.auth_token_file}"
+        else:
+            token, where = os.environ.get(self.auth_token_env, "").strip(), f"${self.auth_token_env}"
+        if not token:
+            raise ValueError(f"auth: token, but {where} holds none; set a token there, or `auth: none` for no auth")
+        return token
 
     def engine_config(self) -> LatentQAConfig:
         return load_config(self.config, self.overrides)
@@ -178,7 +203,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
     stream: bool = False
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63, description="for sampled replies; torch's seed range")
 
     @property
     def new_tokens(self) -> int:
