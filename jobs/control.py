@@ -21,8 +21,8 @@ from pathlib import Path
 import ray
 
 from latentqa.config import ConfigError
-from latentqa_platform import controls
-from latentqa_platform.batchjobs import connect, parse, run_main
+from latentqa_platform import controls, tracking
+from latentqa_platform.batchjobs import connect, job_tracking_uri, parse, run_main
 from latentqa_platform.serving import ControlRequest, ServeSettings
 
 PREFIX = ServeSettings().control_model_prefix
@@ -79,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"{args.control or '--instruction'}: {err}") from None
     output_dir = Path(config.train.output_dir).resolve()
     connect(args, settings, output_dir / "logs" / f"control-{body.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
-    params = {"steps": str(config.steer.steps), "decoder": args.decoder, "source": "qa" if body.qa else "instruction"}
+    decoder = tracking.pinned(args.decoder, job_tracking_uri(config, settings))  # the version the job uses throughout
+    params = {"steps": str(config.steer.steps), "decoder": decoder, "source": "qa" if body.qa else "instruction"}
     run = controls.open_job(settings.mlflow, output_dir, body.name, params)
     print(f"mlflow: control job run {run.run_id} at {run.tracking_uri}")
     task = ray.remote(control_task).options(
         num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0
     )
     adapter = ray.get(
-        task.remote(config.model_dump_json(), args.decoder, run.tracking_uri, run, body.model_dump(), args.heldout)
+        task.remote(config.model_dump_json(), decoder, run.tracking_uri, run, body.model_dump(), args.heldout)
     )
     status = controls.job_status(run.tracking_uri, run.run_id)
     if adapter is None:

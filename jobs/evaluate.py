@@ -100,20 +100,21 @@ def main(argv: list[str] | None = None) -> int:
     uri = job_tracking_uri(config, settings)
     output_dir = Path(config.train.output_dir).resolve()
     connect(args, settings, output_dir / "logs" / f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}.log")
-    to = destination(args.decoder, uri, settings.mlflow, output_dir)
+    decoder = tracking.pinned(args.decoder, uri)  # the version evaluated is the one logged to
+    to = destination(decoder, uri, settings.mlflow, output_dir)
     run = to.run
     rows = raydata.read_set(config.data.eval, "eval").examples.take_all()
     task = ray.remote(evaluate_task).options(
         num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0
     )
-    metrics, report = ray.get(task.remote(config.model_dump_json(), args.decoder, uri, rows, suite_options(args)))
+    metrics, report = ray.get(task.remote(config.model_dump_json(), decoder, uri, rows, suite_options(args)))
     tracking.log_metrics(run, metrics, to.step, to.model_id)
     with tempfile.TemporaryDirectory() as tmp:  # results.json, per_item.jsonl and the figures
         for name, data in report.items():
             (Path(tmp) / name).write_bytes(data)
         run.client().log_artifacts(run.run_id, tmp, to.artifact_path)
     run.client().set_tag(run.run_id, f"{PREFIX}data", str(config.data.eval.path))
-    if not args.decoder.startswith("models:/"):
+    if not decoder.startswith("models:/"):
         tracking.finish_run(run)  # the evaluation's own run
     print(json.dumps({k.removeprefix(PREFIX): v for k, v in metrics.items()}))
     print(f"mlflow: logged to run {run.run_id}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +24,9 @@ from pydantic import TypeAdapter, ValidationError
 
 from latentqa.config import ConfigError
 from latentqa.data import DEFAULT_QUESTIONS
+from latentqa_platform import tracking
 from latentqa_platform.batchjobs import connect, job_tracking_uri, parse, run_main
+from latentqa_platform.files import write_whole
 from latentqa_platform.serving import Dialog
 
 
@@ -88,10 +89,7 @@ class ShardReader:
             lines = [
                 json.dumps({**r, "answers": dict(zip(questions, a))}, ensure_ascii=False) for r, a in zip(rows, answers)
             ]
-            final = self.output / f"shard-{int(shard):05d}.jsonl"
-            partial = final.with_suffix(f".part-{os.getpid()}")
-            partial.write_text("\n".join(lines) + "\n")
-            partial.rename(final)  # a shard file is complete or absent
+            write_whole(self.output / f"shard-{int(shard):05d}.jsonl", "\n".join(lines) + "\n")  # complete or absent
         return {"shard": batch["shard"]}
 
 
@@ -102,9 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.shard_size < 1:
         raise ConfigError("--shard-size must be at least 1")
     rows = load_dialogs(args.input)
+    decoder = tracking.pinned(args.decoder, job_tracking_uri(config, settings))  # one version for every worker
     job = {
         "input_sha256": hashlib.sha256(args.input.read_bytes()).hexdigest(),
-        "decoder": args.decoder,
+        "decoder": decoder,
         "questions": args.question or DEFAULT_QUESTIONS,
         "shard_size": args.shard_size,
         "layer": args.layer,
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     record = output / "job.json"
     if record.exists() and json.loads(record.read_text()) != job:
         raise ConfigError(f"{output} holds the shards of a different job (see its job.json); choose a new --output")
-    record.write_text(json.dumps(job, indent=2))
+    write_whole(record, json.dumps(job, indent=2))
     shards = [rows[i : i + args.shard_size] for i in range(0, len(rows), args.shard_size)]
     pending = [
         {"shard": k, "rows": json.dumps(s)}
@@ -134,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 ShardReader,
                 fn_constructor_kwargs={
                     "config_json": config.model_dump_json(),
-                    "decoder": args.decoder,
+                    "decoder": decoder,
                     "tracking": job_tracking_uri(config, settings),
                     "job": job,
                     "output": str(output),

@@ -82,6 +82,8 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     for noise in ("ShardReader pid=", "Warning", "streaming_executor"):
         assert noise not in first.stdout, f"{noise!r} on the console:\n{tail(first)}"
     assert "ray.data" in (out / "console.log").read_text()
+    # The alias is resolved once, on the driver: every worker, and a rerun, read with that version.
+    assert json.loads((out / "job.json").read_text())["decoder"] == f"models:/{DECODER_MODEL}/{decoder.version}"
     shards = sorted(out.glob("shard-*.jsonl"))
     assert [s.name for s in shards] == ["shard-00000.jsonl", "shard-00001.jsonl", "shard-00002.jsonl"]
     rows = [json.loads(line) for s in shards for line in s.read_text().splitlines()]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +32,7 @@ from latentqa.strategy import Strategy, StrategyConfig
 from latentqa.training import StepPlan, TrainProgress, example_length, length_grouped_order
 
 from . import raydata, tracking
+from .files import publish_folder, write_whole
 from .settings import RaySettings
 
 ADAPTER, STATE, PROGRESS, CONFIG, LOGGED_MODEL = "adapter", "state", "progress.json", "config.json", "mlflow_model.json"
@@ -169,25 +168,17 @@ def run_folder(train: TrainConfig) -> Path:
 
 def publish_decoder(result: ray.train.Result, run_dir: Path, config: str, job: str) -> PublishedDecoder:
     """The final checkpoint's adapter as `<run dir>/decoder`, beside `config.json` (as `latentqa
-    train` writes it), `job.json` and `metrics.json`. The adapter is copied whole or not at all:
-    copied beside the target and renamed into place, so a kill mid-copy leaves no partial
-    `decoder/` for `latentqa read` or a rerun to take as complete."""
-    target = run_dir / "decoder"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    train` writes it), `job.json` and `metrics.json`. Each is written whole or not at all
+    (`files`), the decoder last: its presence marks the run complete."""
     with result.checkpoint.as_directory() as folder:
-        partial = Path(tempfile.mkdtemp(prefix=".decoder-", dir=run_dir))
-        shutil.copytree(Path(folder) / ADAPTER, partial, dirs_exist_ok=True)
-        for file in (f for f in partial.rglob("*") if f.is_file()):
-            with open(file, "rb") as written:
-                os.fsync(written.fileno())
-        partial.rename(target)
         history = json.loads((Path(folder) / PROGRESS).read_text())["history"]
         logged = Path(folder) / LOGGED_MODEL
         model_id = json.loads(logged.read_text())["model_id"] if logged.is_file() else None
-    (run_dir / "config.json").write_text(config)
-    (run_dir / "job.json").write_text(job)
-    (run_dir / "metrics.json").write_text(json.dumps({"final": result.metrics, "history": history}, indent=2))
-    return PublishedDecoder(target, history, model_id)
+        write_whole(run_dir / "config.json", config)
+        write_whole(run_dir / "job.json", job)
+        write_whole(run_dir / "metrics.json", json.dumps({"final": result.metrics, "history": history}, indent=2))
+        publish_folder(Path(folder) / ADAPTER, run_dir / "decoder")
+    return PublishedDecoder(run_dir / "decoder", history, model_id)
 
 
 @ray.remote

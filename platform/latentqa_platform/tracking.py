@@ -27,7 +27,8 @@ from pathlib import Path
 import yaml
 
 import latentqa.paths
-from latentqa.config import LatentQAConfig
+from latentqa.config import ConfigError, LatentQAConfig
+from latentqa.decoders import registry_reference
 
 from .settings import MlflowSettings, artifact_location, tracking_uri
 
@@ -350,6 +351,24 @@ def fetch_registered_decoder(reference: str, download_dir: Path, registry: str |
     return resolve_adapter(
         reference, registry or tracking_uri(MlflowSettings(), Path(config.train.output_dir)), download_dir
     )
+
+
+def pinned(decoder: str, tracking: str) -> str:
+    """`decoder` with an alias (`models:/NAME@alias`, `NAME@alias`) resolved once, to the version it
+    names now (`models:/NAME/N`), so every worker of a job loads the same version even if the
+    alias moves meanwhile; versions, logged models and folders are returned as they are."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    reference = registry_reference(decoder)
+    if reference is None or "@" not in reference:
+        return decoder
+    name, alias = reference.removeprefix("models:/").split("@", 1)
+    try:
+        version = MlflowClient(tracking, registry_uri=tracking).get_model_version_by_alias(name, alias).version
+    except MlflowException as err:
+        raise ConfigError(f"--decoder {decoder}: {err.message}") from None
+    return f"models:/{name}/{version}"
 
 
 def logged_model_id(uri: str, client) -> str:
