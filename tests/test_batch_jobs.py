@@ -132,7 +132,8 @@ def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, deco
     assert len(rows) == 2 and all(set(r) == {"prompt", "target", "steered"} for r in rows)
     client = MlflowClient(decoder.tracking_uri)
     [version] = client.search_model_versions("name='latentqa-control-veganism'")
-    assert version.tags["latentqa.kind"] == "control" and version.tags["decoder"] == decoder.registry_uri
+    pinned = f"models:/{DECODER_MODEL}/{decoder.version}"  # the alias, resolved once for the whole job
+    assert version.tags["latentqa.kind"] == "control" and version.tags["decoder"] == pinned
     history = client.get_metric_history(version.run_id, "control/loss")
     assert sorted(m.step for m in history) == list(range(1, 21))
 
