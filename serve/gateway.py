@@ -28,6 +28,7 @@ from latentqa_platform.serving import (
     ScoreRequest,
     ScoreResponse,
     ServeSettings,
+    Unavailable,
     UnknownAdapter,
     chat_chunk,
     chat_completion,
@@ -64,7 +65,10 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    return _error(err.status, [(["body", *err.field.split(".")], err.message)])
+    response = _error(err.status, [(["body", *err.field.split(".")], err.message)])
+    if isinstance(err, Unavailable):
+        response.headers["Retry-After"] = str(err.retry_after_s)
+    return response
 
 
 class RequestGuard:
@@ -79,7 +83,8 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        headers, token, limit = dict(scope["headers"]), api.state.token, api.state.max_body_bytes
+        state = scope["app"].state  # the app Serve runs, which the Gateway's __init__ configured
+        headers, token, limit = dict(scope["headers"]), state.token, state.max_body_bytes
         path = scope["path"].removeprefix(scope.get("root_path", ""))  # the app may sit under a route prefix
         if token and path not in self.OPEN_PATHS:
             given = headers.get(b"authorization", b"")

@@ -82,11 +82,13 @@ class ScriptedLLM:
                     if await request.is_disconnected():
                         return JSONResponse({}, 499)
                     await asyncio.sleep(0.02)
-                status = {"429": 429, "503": 503}.get(action, 200)
+                status = {"429": 429, "503": 503}.get(action.split(" ")[0], 200)
                 with self.lock:
                     self.statuses.append(status)
                 if status != 200:
-                    return JSONResponse({"error": {"message": action}}, status, headers={"Retry-After": "0"})
+                    # "503 -1": the status with that Retry-After (servers send odd ones)
+                    retry_after = action.split(" ")[1] if " " in action else "0"
+                    return JSONResponse({"error": {"message": action}}, status, headers={"Retry-After": retry_after})
                 text = "Sure! Here you go: {controls: [" if action == "malformed" else json.dumps(reply(prompt, action))
                 return {
                     "id": "chatcmpl-1",
@@ -248,9 +250,36 @@ def test_dedup_and_a_write_cut_short(tmp_path):
 # ---------------------------------------------------------------- the pipeline on Ray Data
 
 
+def test_a_second_run_on_the_same_folder_is_refused(llm, tmp_path):
+    """Two runs at once would truncate each other's files: while one (here another process)
+    holds the output folder, a second is refused before it asks or writes anything."""
+    cfg = config(llm, tmp_path)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+            "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+            str(out / ".lock"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="another curation run is writing here"):
+            run(cfg, log=lambda _: None)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert llm.prompts == [] and sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
 def test_pipeline_writes_valid_spec_files_retries_and_rejects(ray_data, llm, tmp_path):
     llm.script = {
-        'category "pirates"': ["429", "503"],  # retried with backoff, then fine
+        'category "pirates"': ["429 nan", "503 -1"],  # retried with backoff (not those delays), then fine
         'category "chefs"': ["malformed"],  # re-asked, then fine
         'category "tea"': ["slow"],  # times out, retried
         'category "savings"': ["dup"],  # one duplicate label and one near-duplicate text dropped

@@ -107,12 +107,36 @@ def test_health_and_openapi(client):
         assert path in paths
 
 
-def test_decoders_lists_configured_and_registered(client):
+def test_decoders_lists_configured_and_registered(client, decoder):
     body = client.get("/v1/decoders").json()
     assert body["default"] == "tiny"
     names = {row["name"]: row for row in body["decoders"]}
     assert names["tiny"]["kind"] == "configured" and names["local"]["kind"] == "configured"
     assert names[DECODER_MODEL]["aliases"] == ["champion"]
+    assert names["local"]["source"] == "folder" and str(decoder.folder) not in json.dumps(body)  # no server paths
+
+
+def test_a_registry_outage_is_503_with_retry_after_and_a_missing_version_404(decoder, tmp_path, monkeypatch):
+    """An unreachable MLflow server is not an unknown decoder: 503 and Retry-After, not 404."""
+    from latentqa_platform.adapters import AdapterCatalog
+    from latentqa_platform.serving import Unavailable, UnknownAdapter
+    from serve.gateway import _request_error
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    down = AdapterCatalog("decoder", {}, f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(Unavailable, match="registry is unavailable"):
+        down.locate(f"{DECODER_MODEL}@champion", "decoder")
+    with pytest.raises(Unavailable):
+        down.listing()
+    up = AdapterCatalog("decoder", {"local": str(tmp_path / "gone")}, decoder.tracking_uri)
+    with pytest.raises(UnknownAdapter, match="no such registered model version"):
+        up.locate(f"{DECODER_MODEL}/99", "decoder")
+    with pytest.raises(Unavailable, match="configured decoder 'local' cannot be loaded") as refused:
+        up.fetch("decoder:local", tmp_path)
+    assert str(tmp_path) not in str(refused.value)
+    response = asyncio.run(_request_error(None, Unavailable("decoder", "the model registry is unavailable")))
+    assert response.status_code == 503 and response.headers["retry-after"] == "5"
 
 
 def test_read_multi_turn_dialogs_and_choices_per_request(client, decoder):
@@ -315,14 +339,14 @@ def test_control_job_reports_progress_and_registers_an_adapter(pirate_job, decod
     assert progress == sorted(progress)
 
 
-def test_a_stream_whose_generation_fails_ends_with_the_error(client):
-    """Sampling at a vanishing temperature makes the probabilities NaN and generate() raise midway:
-    the stream must end (an error event, then [DONE]) instead of holding the request forever."""
+def test_a_stream_whose_generation_fails_ends_instead_of_hanging(client):
+    """Sampling at a vanishing temperature makes the probabilities NaN and generate() raise: the
+    streamed request must end with an error (here before its first token, so a plain 500 without
+    a traceback) instead of waiting forever on a streamer nobody ends."""
     body = {"model": "target", "messages": DIALOG, "stream": True, "temperature": 1e-45, "max_tokens": 4}
     with client.stream("POST", "/v1/chat/completions", json=body, timeout=60) as response:
-        assert response.status_code == 200
-        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
-    assert events[-1] == "[DONE]" and "error" in json.loads(events[-2]), events
+        failed = response.status_code, response.read()
+    assert failed[0] == 500 and b"Traceback" not in failed[1], failed
     assert client.post("/v1/chat/completions", json={**body, "stream": False, "temperature": 0}).status_code == 200
     assert client.post("/v1/chat/completions", json={**body, "seed": 2**64}).status_code == 422
 

@@ -13,6 +13,7 @@ engine's read/score code runs unchanged for any decoder.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from latentqa.decoders import check_adapter_folder
 from latentqa.model_files import ModelFileError
 from latentqa.models import AdapterSet
 
-from .serving import RequestError, UnknownAdapter
+from .serving import RequestError, Unavailable, UnknownAdapter
 from .tracking import resolve_adapter
 
 Kind = Literal["decoder", "control"]
+_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")  # MLflow: no such version; no such alias
 KIND_TAG = "latentqa.kind"  # on registered versions: "control" for control adapters
 REGISTRY_REF = re.compile(
     r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]{0,127})(?:/(?P<version>[1-9][0-9]{0,8})|@(?P<alias>[A-Za-z][A-Za-z0-9_-]{0,63}))$"
@@ -91,8 +93,10 @@ class AdapterCatalog:
                 if version
                 else self._client().get_model_version_by_alias(name, alias)
             )
-        except MlflowException:
-            raise UnknownAdapter(field, f"unknown {self.kind} {ref!r}: no such registered model version") from None
+        except MlflowException as err:
+            if err.error_code in _NOT_FOUND:
+                raise UnknownAdapter(field, f"unknown {self.kind} {ref!r}: no such registered model version") from None
+            raise Unavailable(field, "the model registry is unavailable; retry later") from None
         is_control = found.tags.get(KIND_TAG) == "control"
         if check_kind and is_control != (self.kind == "control"):
             raise UnknownAdapter(field, f"{ref!r} is registered, but it is not a {self.kind}")
@@ -105,12 +109,28 @@ class AdapterCatalog:
         name = adapter_id.removeprefix(f"{self.kind}:")
         if name not in self.named:
             raise UnknownAdapter(self.kind, f"unknown {self.kind} {name!r}")
-        return fetch_adapter(self.named[name], self.tracking_uri, download_dir)
+        try:
+            return fetch_adapter(self.named[name], self.tracking_uri, download_dir)
+        except (RequestError, FileNotFoundError) as err:  # the server's fault; its message holds the server's path
+            logging.getLogger("ray.serve").error("configured %s %r: %s", self.kind, name, err)
+            raise Unavailable(
+                self.kind, f"the configured {self.kind} {name!r} cannot be loaded (see the server log)"
+            ) from None
 
     def listing(self, exclude_prefix: str | None = None) -> list[dict]:
-        """Configured adapters and registered models of this kind, for GET endpoints."""
-        rows = [{"name": name, "source": uri, "kind": "configured"} for name, uri in self.named.items()]
-        for model in self._client().search_registered_models(max_results=200):
+        """Configured adapters and registered models of this kind, for GET endpoints. A configured
+        folder shows as `folder`: a server path is the operator's, not the client's."""
+        from mlflow.exceptions import MlflowException
+
+        rows = [
+            {"name": name, "source": uri if uri.startswith("models:/") else "folder", "kind": "configured"}
+            for name, uri in self.named.items()
+        ]
+        try:
+            models = self._client().search_registered_models(max_results=200)
+        except MlflowException:
+            raise Unavailable(self.kind, "the model registry is unavailable; retry later") from None
+        for model in models:
             if exclude_prefix and model.name.startswith(exclude_prefix):
                 continue
             versions = sorted(int(v.version) for v in model.latest_versions or [])

@@ -20,16 +20,19 @@ per-task split would strand budget on workers that run out of rows first). Repli
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import fcntl
 import hashlib
 import json
+import math
 import os
 import random
 import re
 import string
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ PROMPTS_DIR = PROJECT_ROOT / "datasets" / "curation" / "prompts" / "v1"
 STAGES = ("seed", "expand", "qa", "assemble")
 REJECTS = "rejects.jsonl"
 MANIFEST = "manifest.jsonl"
+LOCK_FILE = ".lock"  # held by the run writing the folder
 DATASET = "dataset"
 
 # ---------------------------------------------------------------- configuration
@@ -374,13 +378,15 @@ class Caller:
 
 
 def _delay(base: float, attempt: int, retry_after: str | None) -> float:
-    """Exponential backoff with jitter, or the server's Retry-After (seconds), capped at a minute."""
+    """The server's Retry-After in seconds where it is a sane one (finite, not negative), else
+    exponential backoff with jitter; capped at a minute."""
     try:
-        if retry_after is not None:
-            return min(float(retry_after), 60.0)
-    except ValueError:
-        pass
-    return min(base * 2**attempt * (0.5 + random.random()), 60.0)
+        seconds = float(retry_after) if retry_after is not None else math.nan
+    except ValueError:  # an HTTP date, or garbage
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds >= 0):
+        seconds = base * 2**attempt * (0.5 + random.random())
+    return min(seconds, 60.0)
 
 
 # ---------------------------------------------------------------- files (driver side)
@@ -591,37 +597,57 @@ def assemble(config: CurationConfig) -> dict:
     return {"labels": len(labels), "dropped_without_pair": len(set(dialogs) ^ set(qa))}
 
 
+@contextlib.contextmanager
+def _only_run_in(out_dir: Path) -> Iterator[None]:
+    """Hold `<out_dir>/.lock` for the run; another run (any process) is refused while it is held."""
+    handle = open(out_dir / LOCK_FILE, "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"{out_dir}: another curation run is writing here ({out_dir / LOCK_FILE} is held); "
+                "wait for it to end, or choose another output_dir"
+            ) from None
+        yield
+    finally:
+        handle.close()  # releases the lock
+
+
 def run(config: CurationConfig, log: Callable[[str], None] = print) -> dict:
     """The chosen stages in pipeline order; each stage's counts are appended to manifest.jsonl."""
     prompts = load_prompts(config.prompts)
     out_dir = Path(config.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     summary, budget = {}, None
-    try:
-        for name in [s for s in STAGES if s in config.stages]:
-            started = time.time()
-            if name == "assemble":
-                counts = assemble(config)
-            else:
-                if budget is None:
-                    raydata.connect(config.ray.address)
-                    budget = ray.remote(num_cpus=0)(Budget).remote(config.budget.max_requests, config.budget.max_tokens)
-                counts = run_llm_stage(name, config, prompts, budget)
-            summary[name] = counts
-            log(f"{name}: {json.dumps(counts)}")
-            entry = {
-                "stage": name,
-                "started": started,
-                "seconds": round(time.time() - started, 3),
-                "counts": counts,
-                "prompt_version": prompts.version,
-                "prompt_sha": prompts.sha,
-                "llm": {"base_url": config.llm.base_url, "model": config.llm.model},
-            }
-            append_jsonl(out_dir / MANIFEST, [entry])
-        if budget is not None:
-            summary["budget_used"] = ray.get(budget.used.remote())
-    finally:
-        if budget is not None:
-            ray.kill(budget)
+    with _only_run_in(out_dir):  # two runs at once would truncate each other's files
+        try:
+            for name in [s for s in STAGES if s in config.stages]:
+                started = time.time()
+                if name == "assemble":
+                    counts = assemble(config)
+                else:
+                    if budget is None:
+                        raydata.connect(config.ray.address)
+                        budget = ray.remote(num_cpus=0)(Budget).remote(
+                            config.budget.max_requests, config.budget.max_tokens
+                        )
+                    counts = run_llm_stage(name, config, prompts, budget)
+                summary[name] = counts
+                log(f"{name}: {json.dumps(counts)}")
+                entry = {
+                    "stage": name,
+                    "started": started,
+                    "seconds": round(time.time() - started, 3),
+                    "counts": counts,
+                    "prompt_version": prompts.version,
+                    "prompt_sha": prompts.sha,
+                    "llm": {"base_url": config.llm.base_url, "model": config.llm.model},
+                }
+                append_jsonl(out_dir / MANIFEST, [entry])
+            if budget is not None:
+                summary["budget_used"] = ray.get(budget.used.remote())
+        finally:
+            if budget is not None:
+                ray.kill(budget)
     return summary

@@ -140,6 +140,13 @@ class UnknownAdapter(RequestError):
     status = 404
 
 
+class Unavailable(RequestError):
+    """Something the request needs is down for now (the model registry): 503, retry later."""
+
+    status = 503
+    retry_after_s = 5
+
+
 # ---------------------------------------------------------------- requests and answers
 
 
