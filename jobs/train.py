@@ -44,7 +44,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     with strategy.model_loading(pretrained=config.model.weights == "pretrained"):
         lqa = LatentQA.load(config, train_decoder=True)  # one base copy per worker (ZeRO-3: partitioned)
     strategy.prepare(lqa.model, adamw_factory(train), lambda opt: cosine_with_warmup(opt, train.warmup_steps, total))
-    progress, resumed_from = raytrain.resume(strategy)
+    progress, resumed_from = raytrain.resume(strategy, plan)
     say, run = console.for_rank(strategy.is_main, loop_config["console"]), plan.mlflow if strategy.is_main else None
     eval_examples = (
         [raydata.example_of_row(r) for r in ray.train.get_dataset_shard("eval").iter_rows()] if plan.has_eval else []
@@ -125,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mlflow: run {run.run_id} at {run.tracking_uri}")
 
     # 4. train
-    plan = raytrain.WorkerPlan(config=config, strategy=strategy, steps=steps, ray=settings.ray, mlflow=run)
+    plan = raytrain.WorkerPlan(
+        config=config, strategy=strategy, steps=steps, ray=settings.ray, mlflow=run, train_files=sets.train_files
+    )
     storage, lines = settings.ray.storage_path or str(output_dir), console.Channel()
     try:
         result = raytrain.trainer(

@@ -20,6 +20,7 @@ from latentqa_platform.serving import (
     ChatRequest,
     ControlJob,
     ControlRequest,
+    Overloaded,
     ReadAnswer,
     ReadRequest,
     ReadResponse,
@@ -66,7 +67,7 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
     response = _error(err.status, [(["body", *err.field.split(".")], err.message)])
-    if isinstance(err, Unavailable):
+    if isinstance(err, (Overloaded, Unavailable)):
         response.headers["Retry-After"] = str(err.retry_after_s)
     return response
 

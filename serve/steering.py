@@ -2,6 +2,7 @@
 lives in MLflow."""
 
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from ray import serve
 
 from latentqa_platform import console, controls
 from latentqa_platform.adapters import AdapterCatalog
-from latentqa_platform.serving import ControlRequest, ServeSettings
+from latentqa_platform.serving import ControlRequest, Overloaded, ServeSettings
 
 
 @serve.deployment(name="Steering", num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
@@ -22,20 +23,34 @@ class Steering:
             console.quiet_replica()
         self.catalog = AdapterCatalog("decoder", self.settings.decoders, self.settings.tracking_uri())
         self.queue = ThreadPoolExecutor(1, thread_name_prefix="latentqa-steer")
+        self.pending, self.pending_lock = 0, threading.Lock()  # jobs queued or running
         self.session = None  # (decoder id, LatentQA): kept while jobs use the same decoder
 
     def submit(self, request: dict, decoder_id: str) -> str:
         body = ControlRequest.model_validate(request)
         from latentqa.paths import RUNS_DIR
 
+        with self.pending_lock:
+            if self.pending >= self.settings.max_queued_controls:
+                raise Overloaded("name", f"{self.pending} control jobs are queued or running; retry later")
+            self.pending += 1
+
         params = {
             "steps": str(body.steps or self.settings.engine_config().steer.steps),
             "decoder": decoder_id,
             "source": "qa" if body.qa else "instruction",
         }
-        run = controls.open_job(self.settings.mlflow, RUNS_DIR, body.name, params)
+        try:
+            run = controls.open_job(self.settings.mlflow, RUNS_DIR, body.name, params)
+        except BaseException:
+            self._done()
+            raise
         self.queue.submit(self._run, run, body, decoder_id)
         return run.run_id
+
+    def _done(self) -> None:
+        with self.pending_lock:
+            self.pending -= 1
 
     def _session(self, decoder_id: str):
         from latentqa.session import LatentQA
@@ -48,23 +63,29 @@ class Steering:
         return self.session[1]
 
     def _run(self, run, body: ControlRequest, decoder_id: str) -> None:
+        """The job on the queue's thread: whatever fails ends its run FAILED (an exception here
+        would be lost with the thread, and the job would look queued forever)."""
         try:
-            lqa = self._session(decoder_id)
+            try:
+                lqa = self._session(decoder_id)
+            except Exception as err:
+                controls.fail_job(run, err, "loading the decoder: ")
+                return
+            prompts, heldout = self.settings.read_prompts()
+            controls.run_job(
+                lqa,
+                run,
+                self.settings.control_model_prefix + body.name,
+                body.qa,
+                body.instruction,
+                body.questions or self.settings.control_questions,
+                prompts,
+                {"control": body.name, "decoder": decoder_id, "target_model": lqa.config.model.path},
+                body.steps,
+                body.lr,
+                heldout[:3],
+            )
         except Exception as err:
-            run.client().set_tag(run.run_id, controls.ERROR_TAG, f"loading the decoder: {err}"[:5000])
-            controls.finish_run(run, "FAILED")
-            return
-        prompts, heldout = self.settings.read_prompts()
-        controls.run_job(
-            lqa,
-            run,
-            self.settings.control_model_prefix + body.name,
-            body.qa,
-            body.instruction,
-            body.questions or self.settings.control_questions,
-            prompts,
-            {"control": body.name, "decoder": decoder_id, "target_model": lqa.config.model.path},
-            body.steps,
-            body.lr,
-            heldout[:3],
-        )
+            controls.fail_job(run, err)
+        finally:
+            self._done()

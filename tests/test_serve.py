@@ -395,6 +395,35 @@ def test_control_from_an_instruction(client):
     assert job["adapter"].startswith("latentqa-control-pirate-read/")
 
 
+def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path):
+    """The Steering deployment's class in process: past `max_queued_controls` a job is refused
+    (429 with Retry-After at the gateway), and a failure outside the job itself (here an
+    unreadable prompt set) still ends the job failed, with the error, instead of queued forever."""
+    from latentqa_platform import controls
+    from latentqa_platform.serving import Overloaded, ServeSettings
+    from serve.gateway import _request_error
+    from serve.steering import Steering
+
+    settings = ServeSettings(
+        decoders={"local": str(decoder.folder)},
+        mlflow=decoder.mlflow_settings(),
+        steer_prompts=str(tmp_path / "missing.json"),
+        max_queued_controls=1,
+        verbose=True,
+    )
+    steering = Steering.func_or_class(settings.model_dump(mode="json"))
+    request = {"name": "lost", "qa": [["What persona?", "A pirate."]], "steps": 1}
+    job = steering.submit(request, "decoder:local")
+    with pytest.raises(Overloaded, match="1 control jobs are queued or running"):
+        steering.submit(request, "decoder:local")
+    steering.queue.shutdown(wait=True)
+    status = controls.job_status(decoder.tracking_uri, job)
+    assert status["status"] == "failed" and "missing.json" in status["error"], status
+    assert steering.pending == 0
+    response = asyncio.run(_request_error(None, Overloaded("name", "busy")))
+    assert response.status_code == 429 and response.headers["retry-after"] == "30"
+
+
 # ---------------------------------------------------------------- load and failure
 
 

@@ -161,12 +161,14 @@ def test_malformed_data_fails_before_training(ray_cluster, tmp_path):
 
 @pytest.fixture(scope="session")
 def ddp_run(ray_cluster, tmp_path_factory):
-    """DDP, stopped on purpose right after its first checkpoint, then rerun under the same name."""
+    """DDP, stopped on purpose right after its first checkpoint, rerun once with another worker
+    count (refused: another data order), then rerun under the same name as it started."""
     out = tmp_path_factory.mktemp("ddp")
     args = [*TINY, "--train.run_name", "ddp", "--ray.checkpoint_every", str(CHECKPOINT_AT)]
     stopped = run_job(ray_cluster, out, *args, "--ray.fail_after_step", str(CHECKPOINT_AT))
+    reordered = run_job(ray_cluster, out, *args, "--ray.num_workers", "1")
     resumed = run_job(ray_cluster, out, *[a for a in args if a != "--no-showcase"])
-    return {"out": out, "run_dir": out / "ddp", "stopped": stopped, "resumed": resumed}
+    return {"out": out, "run_dir": out / "ddp", "stopped": stopped, "reordered": reordered, "resumed": resumed}
 
 
 @pytest.fixture(scope="session")
@@ -198,6 +200,8 @@ def test_resume_continues_at_the_right_step(ddp_run):
     stopped, resumed, run_dir = ddp_run["stopped"], ddp_run["resumed"], ddp_run["run_dir"]
     assert stopped.returncode == 1, tail(stopped)
     assert f"fail_after_step={CHECKPOINT_AT}" in stopped.stdout + stopped.stderr
+    reordered = ddp_run["reordered"]  # another worker count: other shards, so other batches skipped
+    assert reordered.returncode == 1 and "its workers changed since" in reordered.stderr, tail(reordered)
     assert resumed.returncode == 0, tail(resumed)
     assert f"checkpoint_{CHECKPOINT_AT:06d} at step {CHECKPOINT_AT} " in resumed.stdout, tail(resumed)
     assert [step for step, _ in _losses(run_dir)] == list(range(1, STEPS + 1))

@@ -101,12 +101,17 @@ def run_job(
         finish_run(run)
         return adapter
     except Exception as err:  # the job's state is all the caller sees
-        run.client().set_tag(run.run_id, ERROR_TAG, f"{type(err).__name__}: {err}"[:5000])
-        finish_run(run, "FAILED")
+        fail_job(run, err)
         return None
     finally:
         if CONTROL in lqa.model.adapters.model.peft_config:
             lqa.model.adapters.remove_control()
+
+
+def fail_job(run: RunRef, err: BaseException, doing: str = "") -> None:
+    """End the job's run FAILED, with what went wrong as its error tag."""
+    run.client().set_tag(run.run_id, ERROR_TAG, f"{doing}{type(err).__name__}: {err}"[:5000])
+    finish_run(run, "FAILED")
 
 
 def job_status(tracking_uri: str, run_id: str) -> dict | None:

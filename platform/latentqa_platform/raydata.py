@@ -177,7 +177,8 @@ class TrainingSets:
     eval: ray.data.Dataset | None
     train_count: int
     examples_per_worker: int  # the equal split across workers drops the remainder
-    files: dict[str, str]
+    files: dict[str, str]  # path -> sha256, both sets
+    train_files: dict[str, str]
 
     def datasets(self) -> dict[str, ray.data.Dataset]:
         return {"train": self.train, **({"eval": self.eval} if self.eval is not None else {})}
@@ -196,7 +197,7 @@ def training_sets(config: LatentQAConfig, workers: int) -> TrainingSets:
     if count < workers:
         raise DataError(f"{config.data.train.path}: {count} train examples for {workers} workers")
     files = {**train.files, **(held_out.files if held_out else {})}
-    return TrainingSets(laid_out, eval_examples, count, count // workers, files)
+    return TrainingSets(laid_out, eval_examples, count, count // workers, files, train.files)
 
 
 def held_out_dialog(eval_examples: ray.data.Dataset) -> list[dict]:

@@ -4,7 +4,8 @@ and resumes from, and the final decoder published where `latentqa read` finds it
 
 A checkpoint folder holds `adapter/` (PEFT, safetensors), `state/` (optimizer, scheduler, RNG;
 under DeepSpeed one shard per rank), `progress.json` (step, epoch, batches done, history),
-`config.json` and, when the run is tracked, `mlflow_model.json` (the checkpoint's logged model).
+`config.json`, `data_order.json` (what fixes the order of the batches, which a resume must keep)
+and, when the run is tracked, `mlflow_model.json` (the checkpoint's logged model).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .files import publish_folder, write_whole
 from .settings import RaySettings
 
 ADAPTER, STATE, PROGRESS, CONFIG, LOGGED_MODEL = "adapter", "state", "progress.json", "config.json", "mlflow_model.json"
+DATA_ORDER = "data_order.json"
 
 
 class WorkerPlan(BaseModel):
@@ -46,10 +48,24 @@ class WorkerPlan(BaseModel):
     steps: StepPlan
     ray: RaySettings  # checkpoint_every, fail_after_step
     mlflow: tracking.RunRef | None
+    train_files: dict[str, str]  # path -> sha256 of every train-set file
 
     @property
     def has_eval(self) -> bool:
         return self.config.data.eval is not None
+
+    def data_order(self) -> dict:
+        """What fixes the order of the batches: a resume skips the batches done, so it must be
+        the same order, or it would train on some examples twice and never on others."""
+        train = self.config.train
+        return {
+            "train files": {Path(p).name: digest for p, digest in sorted(self.train_files.items())},
+            "train set": self.config.data.train.model_dump(mode="json"),
+            "workers": self.ray.num_workers,
+            "batch size": train.batch_size,
+            "gradient accumulation": train.grad_accum,
+            "seed": train.seed,
+        }
 
 
 def trainer(
@@ -110,13 +126,21 @@ def shard_batches(train: TrainConfig, pad_id: int, device) -> Callable[[int, int
     return epoch_batches
 
 
-def resume(strategy: Strategy) -> tuple[TrainProgress, str | None]:
+def resume(strategy: Strategy, plan: WorkerPlan) -> tuple[TrainProgress, str | None]:
     """Where the latest checkpoint of this run name stopped (its training state loaded) and that
-    checkpoint's path; a fresh start has none."""
+    checkpoint's path; a fresh start has none. Refused when the data order changed since."""
     checkpoint = ray.train.get_checkpoint()
     if not checkpoint:
         return TrainProgress(), None
     with checkpoint.as_directory() as folder:
+        saved = json.loads((Path(folder) / DATA_ORDER).read_text())
+        changed = [key for key, value in plan.data_order().items() if saved.get(key) != value]
+        if changed:
+            raise ValueError(
+                f"run {plan.config.train.run_name!r} cannot resume from {checkpoint.path}: its {', '.join(changed)} "
+                "changed since, so the batches already trained on would no longer be the ones skipped; rerun "
+                "with the settings it started with, or pick a new --train.run_name"
+            )
         strategy.load_training_state(Path(folder) / STATE)
         return TrainProgress(**json.loads((Path(folder) / PROGRESS).read_text())), checkpoint.path
 
@@ -133,6 +157,7 @@ def report_checkpoint(
         strategy.save_training_state(folder / STATE)
         if strategy.is_main:
             (folder / PROGRESS).write_text(json.dumps(dataclasses.asdict(progress)))
+            (folder / DATA_ORDER).write_text(json.dumps(plan.data_order()))
             (folder / CONFIG).write_text(plan.config.model_dump_json())
             if run:  # the checkpoint as a logged model of the run, linked to this step's metrics
                 model_id = tracking.log_decoder(

@@ -69,6 +69,8 @@ class ServeSettings(StrictModel):
     verbose: bool = False
     """Each request's access lines, library warnings and loading bars on `serve run`'s console too;
     false: only in Ray's Serve logs (`/tmp/ray/session_latest/logs/serve/`)."""
+    max_queued_controls: int = Field(8, ge=1)
+    """Control jobs queued or running at once; past it, POST /v1/controls gets 429 and Retry-After."""
     max_adapters_per_replica: int = Field(4, ge=1)
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
@@ -138,6 +140,13 @@ class RequestError(ValueError):
 
 class UnknownAdapter(RequestError):
     status = 404
+
+
+class Overloaded(RequestError):
+    """Too much work queued already: 429, retry later."""
+
+    status = 429
+    retry_after_s = 30
 
 
 class Unavailable(RequestError):
