@@ -5,6 +5,7 @@ as GPUs, the image installs the pinned torch. Fast: no Ray, no GPU."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import shlex
 import tomllib
@@ -168,3 +169,51 @@ def test_each_folder_has_a_readme_naming_its_files(folder):
     readme = (INFRA / folder / "README.md").read_text()
     files = [p.name for p in (INFRA / folder).iterdir() if p.name != "README.md"]
     assert files and [f for f in files if f"`{f}`" not in readme] == []
+
+
+# ---------------------------------------------------------------- the sizing table
+
+
+def _sizing():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("sizing", INFRA / "sizing.py")
+    module = sys.modules["sizing"] = importlib.util.module_from_spec(spec)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_sizing_model_predicts_the_measured_h200_peaks():
+    """The one GPU measurement we have (Llama-3-8B shape, one H200, batches 4 and 32 of the
+    offline set laid out with the Llama-3 template) against the sizing model's prediction."""
+    from transformers import AutoTokenizer
+
+    from conftest import needs
+    from latentqa.chat_format import ChatFormat
+    from latentqa.data import DatasetSpec, load_examples
+    from latentqa.layout import Layout
+    from latentqa.paths import FETCHED_TOKENIZERS, OFFLINE_TRAIN, PROJECT_ROOT
+
+    sizing = _sizing()
+    measured = json.loads((PROJECT_ROOT / "docs" / "figures" / "gpu-h200-llama3-8b.json").read_text())
+    shape = sizing.Shape.of(sizing.LLAMA3_8B)
+    step = {k: {r["name"]: r for r in v["rows"]} for k, v in measured.items() if k.startswith("batch_")}
+    assert shape.params() == step["batch_4"]["gpu train step"]["details"]["parameters"]
+    layout = Layout(
+        ChatFormat(AutoTokenizer.from_pretrained(needs(FETCHED_TOKENIZERS / "llama-3.1", "infra/setup.sh")))
+    )
+    examples = load_examples(DatasetSpec(path=OFFLINE_TRAIN))
+    random.Random(0).shuffle(examples)  # as the benchmark's train_batch picks them
+    for batch in (4, 32):
+        laid = [layout.example(e, "train", i) for i, e in enumerate(examples[:batch])]
+        padded = max(len(x.write.ids) for x in laid)
+        labels = sum(sum(1 for t in x.write.labels if t != -100) for x in laid) / batch
+        predicted = sizing.memory_gib(shape, "ddp", 1, batch, padded, labels)["total"] * 1024
+        peak = step[f"batch_{batch}"]["gpu peak memory"]["measured"]  # MiB
+        assert abs(predicted / peak - 1) < 0.01, (batch, predicted, peak)
+
+
+def test_the_readme_sizing_table_is_what_the_script_prints(capsys):
+    _sizing().main([])
+    assert capsys.readouterr().out.strip() in (INFRA / "README.md").read_text()
