@@ -51,11 +51,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     )
 
     def run_eval() -> dict[str, float]:
-        # Every rank evaluates (FSDP/ZeRO-3 forwards are collective), all on the same examples.
+        # Every rank holds the held-out examples and evaluates its share of the batches.
         with strategy.averaged_weights(), strategy.evaluation():
-            return evaluate(
-                lqa, eval_examples, batch_size=train.batch_size, max_batches=train.eval_batches
-            ).as_metrics()
+            result = evaluate(
+                lqa, eval_examples, batch_size=train.batch_size, max_batches=train.eval_batches, ranks=strategy
+            )
+        return result.as_metrics()
 
     def report(step: int, metrics: dict[str, float]) -> None:
         if run:

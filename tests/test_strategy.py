@@ -7,6 +7,7 @@ files in a temp dir and are cached for the cross-kind comparison.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import os
@@ -418,3 +419,61 @@ def test_zero3_loads_pretrained_weights_partitioned(tmp_path):
     assert result[False]["loaded_numel"] > 0 and result[True]["loaded_numel"] == 0
     assert result[True]["losses"] == pytest.approx(result[False]["losses"], abs=1e-6)
     assert result[True]["losses"][1] < result[True]["losses"][0]
+
+
+# ---------------------------------------------------------------- evaluation across ranks
+
+
+def _eval_examples():
+    from latentqa.config import load_config
+    from latentqa.data import load_examples
+
+    config = load_config()
+    return config, load_examples(config.data.eval)[:18]  # 5 batches of 4 per condition: ranks get 8 and 7
+
+
+def _evaluation(strategy: Strategy) -> dict:
+    """The offline decoder (seeded, so alike on every rank) evaluated under `strategy`."""
+    from latentqa.evaluation import evaluate
+    from latentqa.session import LatentQA
+    from latentqa.training import adamw_factory
+
+    config, examples = _eval_examples()
+    torch.manual_seed(0)
+    lqa = LatentQA.load(config, train_decoder=True)
+    with torch.no_grad():  # a decoder that is not the base, so the three conditions differ
+        for name, param in lqa.model.peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    strategy.prepare(lqa.model, adamw_factory(config.train))
+    with strategy.averaged_weights(), strategy.evaluation():
+        return dataclasses.asdict(evaluate(lqa, examples, batch_size=4, ranks=strategy))
+
+
+def _evaluation_worker(rank: int, port: int, out: Path) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        result = _evaluation(Strategy.create(StrategyConfig(kind="fsdp")))
+        torch.save(result, out / f"evaluation-{rank}.pt")
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_evaluation_split_across_ranks_equals_one_rank(tmp_path):
+    """Under FSDP2 on 2 ranks each rank evaluates its share of the batches (the share differs by
+    one: the collective forwards still pair up) and every rank ends with one rank's figures."""
+    single = _evaluation(Strategy.create(StrategyConfig(kind="local")))
+    mp.spawn(_evaluation_worker, args=(free_port(), tmp_path), nprocs=WORLD, join=True)
+    for rank in range(WORLD):
+        split = torch.load(tmp_path / f"evaluation-{rank}.pt", weights_only=False)
+        assert split["examples"] == single["examples"] == 18
+        for key in ("loss_true", "loss_shuffled", "loss_none"):
+            assert split[key] == pytest.approx(single[key], abs=1e-6), (rank, key)
+        assert split["gain_ci"] == pytest.approx(single["gain_ci"], abs=1e-6)
+    assert single["loss_shuffled"] != pytest.approx(single["loss_true"], abs=1e-6)

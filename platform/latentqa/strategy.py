@@ -380,6 +380,14 @@ class Strategy:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.item() / self.world_size
 
+    def all_gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if self.world_size == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, value)
+        return gathered
+
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
