@@ -39,7 +39,7 @@ def _arguments(parser) -> None:
 
 
 def control_task(
-    config_json: str, decoder: str, tracking: str, run: controls.RunRef, request: dict, heldout: int
+    config_json: str, decoder: str, registry: str, run: controls.RunRef, request: dict, heldout: int
 ) -> str | None:
     """On a worker: the whole job (see controls.run_job); returns `name/version`, or None if it failed."""
     from latentqa import LatentQA, LatentQAConfig
@@ -47,7 +47,7 @@ def control_task(
     config = LatentQAConfig.model_validate_json(config_json)
     settings = ServeSettings()
     body = ControlRequest.model_validate(request)
-    lqa = LatentQA.load(config, decoder, registry=tracking)
+    lqa = LatentQA.load(config, decoder, registry=registry)
     prompts, held = settings.read_prompts()
     return controls.run_job(
         lqa,

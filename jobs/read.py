@@ -67,10 +67,10 @@ def load_dialogs(path: Path) -> list[dict]:
 class ShardReader:
     """A Ray Data actor: one session per actor, one output file per shard."""
 
-    def __init__(self, config_json: str, decoder: str, tracking: str, job: dict, output: str):
+    def __init__(self, config_json: str, decoder: str, registry: str, job: dict, output: str):
         from latentqa import LatentQA, LatentQAConfig
 
-        self.lqa = LatentQA.load(LatentQAConfig.model_validate_json(config_json), decoder, registry=tracking)
+        self.lqa = LatentQA.load(LatentQAConfig.model_validate_json(config_json), decoder, registry=registry)
         self.job, self.output = job, Path(output)
 
     def __call__(self, batch: dict) -> dict:
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 fn_constructor_kwargs={
                     "config_json": config.model_dump_json(),
                     "decoder": decoder,
-                    "tracking": job_tracking_uri(config, settings),
+                    "registry": job_tracking_uri(config, settings),
                     "job": job,
                     "output": str(output),
                 },

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     for value in args.values:
         run_name = f"{args.name}-{value}"
         metrics_file = output_dir / run_name / "metrics.json"
-        if not metrics_file.exists():
+        if not (output_dir / run_name / "decoder").exists():  # published last: the run is complete
             code = train.main([*overrides, f"--{args.field}", value, "--train.run_name", run_name])
             if code != 0:
                 print(f"run {run_name} failed (exit {code})", file=sys.stderr)

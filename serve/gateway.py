@@ -42,7 +42,9 @@ api = FastAPIOffline(
     version="1",
     description="Read a chat model's activations in plain language, score answers about them, and "
     "steer the model with control adapters. Errors: 422 names the field, 404 an unknown decoder, "
-    "control or job, 401 a missing or wrong bearer token (when auth is on).",
+    "control or job, 401 a missing or wrong bearer token (when auth is on), 411 and 413 a body without "
+    "a size or too large, 429 too many control jobs, 503 the model registry or an adapter unavailable "
+    "(429 and 503 with Retry-After).",
 )
 
 
@@ -82,14 +84,16 @@ class RequestGuard:
         self.app = app
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
+        if scope["type"] == "websocket":  # the API has none: refused rather than let past the check
+            return await send({"type": "websocket.close", "code": 1008})
+        if scope["type"] != "http":  # lifespan
             return await self.app(scope, receive, send)
         state = scope["app"].state  # the app Serve runs, which the Gateway's __init__ configured
         headers, token, limit = dict(scope["headers"]), state.token, state.max_body_bytes
         path = scope["path"].removeprefix(scope.get("root_path", ""))  # the app may sit under a route prefix
         if token and path not in self.OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given, token.encode()):
                 refusal = "missing or wrong bearer token"
                 return await _refuse(401, refusal, scope, receive, send, {"WWW-Authenticate": "Bearer"})
         if scope["method"] in ("POST", "PUT", "PATCH"):

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from latentqa_platform.files import publish_folder, write_whole
+from latentqa_platform.files import _umask, publish_folder, write_whole
 
 
 def test_a_folder_is_published_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -52,6 +52,5 @@ def test_a_file_is_replaced_whole_or_kept(tmp_path, monkeypatch):
         write_whole(job, '{"shards": 4, "half written')
     monkeypatch.undo()
     assert job.read_text() == '{"shards": 3}'
-    assert [p.name for p in job.parent.iterdir()] == ["job.json"] or all(
-        p.name == "job.json" or p.name.startswith(".job.json-") for p in job.parent.iterdir()
-    )
+    assert [p.name for p in job.parent.iterdir()] == ["job.json"]  # no half-written file left beside it
+    assert job.stat().st_mode & 0o777 == 0o666 & ~_umask()  # readable by others, as open() makes files

@@ -11,6 +11,7 @@ import asyncio
 import json
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -254,9 +255,10 @@ def test_a_body_past_the_limit_is_refused_before_it_is_read(app):
     assert unsized.status_code == 411, unsized.text
 
 
-def test_auth_fails_closed_without_a_token(tmp_path, monkeypatch):
-    """No token, an empty one, or a misspelt variable: the gateway refuses to start, naming where it
-    looked; a token file (a mounted Kubernetes Secret) works; `auth: none` is the explicit way out."""
+def test_the_auth_token_fails_closed(tmp_path, monkeypatch):
+    """No token, an empty one, or a misspelt variable: no token is found, an error names where it
+    looked (the Gateway raises it from its constructor, so it does not start); a token file (a
+    mounted Kubernetes Secret) works; `auth: none` is the explicit way out."""
     from latentqa_platform.serving import ServeSettings
 
     monkeypatch.delenv("LATENTQA_API_TOKEN", raising=False)
@@ -412,10 +414,13 @@ def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path):
         verbose=True,
     )
     steering = Steering.func_or_class(settings.model_dump(mode="json"))
+    opened, load = threading.Event(), steering._session
+    steering._session = lambda decoder_id: opened.wait(60) and load(decoder_id)  # the job waits while we submit
     request = {"name": "lost", "qa": [["What persona?", "A pirate."]], "steps": 1}
     job = steering.submit(request, "decoder:local")
     with pytest.raises(Overloaded, match="1 control jobs are queued or running"):
         steering.submit(request, "decoder:local")
+    opened.set()
     steering.queue.shutdown(wait=True)
     status = controls.job_status(decoder.tracking_uri, job)
     assert status["status"] == "failed" and "missing.json" in status["error"], status

@@ -1,9 +1,11 @@
 """Where a decoder comes from: a PEFT adapter folder, or a reference to a registered one.
 
 A reference (`models:/NAME/3`, `models:/NAME@alias`, `NAME@alias`) names a decoder in a model
-registry. The engine knows no registry: a plugin installed under the entry-point group
-`latentqa.registries` fetches the folder (the platform layer installs the MLflow one), so
-`LatentQA.load(config, decoder="models:/NAME@champion")` works wherever that plugin is installed.
+registry. The engine knows no registry: a plugin fetches the folder. The platform layer declares
+the MLflow one under the entry-point group `latentqa.registries` (so `LatentQA.load(config,
+decoder="models:/NAME@champion")` works wherever the project is installed) and registers it on
+import too (`register_registry`, for code run from a checkout on PYTHONPATH, as `ray job submit
+--working-dir` does).
 A plugin is a callable `fetch(reference, download_dir, registry, config) -> Path` with
 `reference` normalised to `models:/...` and `registry` the registry's URI (None: its default).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -57,8 +59,19 @@ def decoder_folder(decoder: str | Path, registry: str | None, config) -> Iterato
         yield folder
 
 
-def _registry_plugin(reference: str):
-    plugins = sorted(entry_points(group=REGISTRY_GROUP), key=lambda plugin: plugin.name)
+_REGISTERED: dict[str, Callable] = {}
+
+
+def register_registry(name: str, fetch: Callable) -> None:
+    """Make `fetch` the plugin called `name` (as the entry point of that name would)."""
+    _REGISTERED[name] = fetch
+
+
+def _registry_plugin(reference: str) -> Callable:
+    plugins = {
+        **{p.name: p.load for p in entry_points(group=REGISTRY_GROUP)},
+        **{n: lambda f=f: f for n, f in _REGISTERED.items()},
+    }
     if not plugins:
         raise ModelFileError(
             f"decoder {reference} is a registry reference, but no registry plugin is installed "
@@ -66,6 +79,6 @@ def _registry_plugin(reference: str):
         )
     if len(plugins) > 1:
         raise ModelFileError(
-            f"decoder {reference}: several registry plugins are installed ({', '.join(p.name for p in plugins)})"
+            f"decoder {reference}: several registry plugins are installed ({', '.join(sorted(plugins))})"
         )
-    return plugins[0].load()
+    return next(iter(plugins.values()))()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,12 +52,10 @@ class LatentQA:
         if decoder is not None:
             config.model.decoder_adapter = str(decoder)
         layout = layout_for(config)
-        base = load_base(config.model)
-        if config.model.decoder_adapter is None:
-            adapters = AdapterSet.create(base, None, config.lora, train_decoder)
-        else:
-            with decoder_folder(config.model.decoder_adapter, registry, config) as folder:
-                adapters = AdapterSet.create(base, folder, config.lora, train_decoder)
+        with contextlib.ExitStack() as fetched:  # the decoder first: a bad reference fails before the base loads
+            decoder_at = config.model.decoder_adapter
+            folder = fetched.enter_context(decoder_folder(decoder_at, registry, config)) if decoder_at else None
+            adapters = AdapterSet.create(load_base(config.model), folder, config.lora, train_decoder)
         model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
         if not 0 <= config.patch.write_layer < model.num_layers:
             raise ValueError(

@@ -7,3 +7,15 @@ The engine (`latentqa`) never imports Ray or MLflow; the jobs in `jobs/` and the
 - `raydata`   the five sets read, validated and laid out with Ray Data
 - `tracking`  MLflow runs, metrics, figures, and decoders in the model registry
 """
+
+from latentqa.decoders import register_registry
+
+
+def _fetch_from_mlflow(*args):
+    from .tracking import fetch_registered_decoder  # MLflow loads only when a decoder is fetched
+
+    return fetch_registered_decoder(*args)
+
+
+# Also where the package runs from a checkout, without its entry points installed.
+register_registry("mlflow", _fetch_from_mlflow)

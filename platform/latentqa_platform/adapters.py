@@ -105,7 +105,11 @@ class AdapterCatalog:
     def fetch(self, adapter_id: str, download_dir: Path) -> FetchedAdapter:
         """The adapter folder of a canonical id (downloaded under `download_dir` if registered)."""
         if adapter_id.startswith("models:/"):
-            return fetch_adapter(adapter_id, self.tracking_uri, download_dir)
+            try:
+                return fetch_adapter(adapter_id, self.tracking_uri, download_dir)
+            except FileNotFoundError as err:  # located a moment ago: the registry or its store failed
+                logging.getLogger("ray.serve").error("%s: %s", adapter_id, err)
+                raise Unavailable(self.kind, "the model registry is unavailable; retry later") from None
         name = adapter_id.removeprefix(f"{self.kind}:")
         if name not in self.named:
             raise UnknownAdapter(self.kind, f"unknown {self.kind} {name!r}")

@@ -12,11 +12,18 @@ from pathlib import Path
 def write_whole(path: Path, text: str) -> None:
     """`path` holding `text`: written beside it, flushed to disk, then renamed into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}-", delete=False) as partial:
-        partial.write(text)
-        partial.flush()
-        os.fsync(partial.fileno())
-    os.replace(partial.name, path)
+    handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    partial = Path(name)
+    try:
+        with open(handle, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        partial.chmod(0o666 & ~_umask())  # as open() would make it (mkstemp's is owner-only)
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     _sync_folder(path.parent)
 
 
@@ -29,11 +36,19 @@ def publish_folder(source: Path, target: Path) -> None:
         for file in (f for f in partial.rglob("*") if f.is_file()):
             with open(file, "rb") as copied:
                 os.fsync(copied.fileno())
-        partial.rename(target)  # fails, leaving `target` as it was, if it exists
+        if target.exists():  # rename would replace an empty folder
+            raise FileExistsError(f"{target} exists: a published folder is never replaced")
+        partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
     _sync_folder(target.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _sync_folder(folder: Path) -> None:

@@ -25,8 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Queue
 
-from latentqa.config import LatentQAConfig, TrainConfig
-from latentqa.data import DataError
+from latentqa.config import ConfigError, LatentQAConfig, TrainConfig
 from latentqa.layout import Batch, collate
 from latentqa.models import DECODER
 from latentqa.strategy import Strategy, StrategyConfig
@@ -88,7 +87,7 @@ def trainer(
         ),
         run_config=RunConfig(
             name=plan.config.train.run_name,
-            storage_path=storage,
+            storage_path=storage if "://" in storage else str(Path(storage).resolve()),  # pyarrow needs it absolute
             failure_config=FailureConfig(max_failures=ray_settings.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ray_settings.checkpoints_to_keep),
         ),
@@ -133,7 +132,8 @@ def resume(strategy: Strategy, plan: WorkerPlan) -> tuple[TrainProgress, str | N
     if not checkpoint:
         return TrainProgress(), None
     with checkpoint.as_directory() as folder:
-        saved = json.loads((Path(folder) / DATA_ORDER).read_text())
+        recorded = Path(folder) / DATA_ORDER  # absent in checkpoints written before it was recorded
+        saved = json.loads(recorded.read_text()) if recorded.is_file() else plan.data_order()
         changed = [key for key, value in plan.data_order().items() if saved.get(key) != value]
         if changed:
             raise ValueError(
@@ -185,7 +185,7 @@ def run_folder(train: TrainConfig) -> Path:
         train.run_name = f"{train.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(train.output_dir).resolve() / train.run_name
     if (run_dir / "decoder").exists():
-        raise DataError(
+        raise ConfigError(
             f"{run_dir / 'decoder'} exists: run {train.run_name!r} is complete; pick another --train.run_name"
         )
     return run_dir

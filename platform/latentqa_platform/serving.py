@@ -219,7 +219,7 @@ class ChatRequest(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
     stream: bool = False
-    seed: int | None = Field(None, ge=0, lt=2**63, description="for sampled replies; torch's seed range")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="for sampled replies")
 
     @property
     def new_tokens(self) -> int:

@@ -256,9 +256,13 @@ def register_decoder(tracking: str, model_id: str, name: str, tags: dict[str, st
     # model from the default tracking store, and registers where that store's registry is. (No
     # set_registry_uri: it is process-wide and outranks every client's own tracking URI after.)
     mlflow.set_tracking_uri(tracking)
-    with contextlib.redirect_stderr(io.StringIO()) as said:  # MLflow prints its news to stderr; we say it once
-        version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
-    logging.getLogger("mlflow").info(said.getvalue().strip())
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # MLflow prints its news to stderr; the caller says it once
+            version = mlflow.register_model(f"models:/{model_id}", name, tags=tags)
+    finally:
+        if said.getvalue().strip():
+            logging.getLogger("mlflow").info(said.getvalue().strip())
     return f"{name}/{version.version}"
 
 
