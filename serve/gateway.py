@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -142,6 +143,8 @@ class Gateway:
             return getattr(handle, method).remote(*args)
         try:
             return await getattr(handle, method).remote(*args)
+        except (RayActorError, ActorUnavailableError):  # the replica died under the request; Serve replaces it
+            raise Unavailable("model", "the model replica serving this request stopped; retry") from None
         except Exception as err:
             raise _cause(err) from None
 

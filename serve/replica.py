@@ -15,7 +15,7 @@ from ray import serve
 
 from latentqa_platform import console
 from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
-from latentqa_platform.serving import RequestError, ServeSettings
+from latentqa_platform.serving import RequestError, ServeSettings, Unavailable
 
 
 @dataclass
@@ -91,7 +91,13 @@ class ModelReplica:
         return config.patch.read_layer
 
     async def _run(self, fn, *args):
-        return await asyncio.get_running_loop().run_in_executor(self.work, fn, *args)
+        import torch
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.work, fn, *args)
+        except torch.OutOfMemoryError:  # this request's size on this replica now: a retry may fit
+            torch.cuda.empty_cache()
+            raise Unavailable("model", "out of memory for this request; retry later, or send less") from None
 
     async def _load(self, adapter_id: str) -> ServedAdapter:
         kind = "control" if adapter_id.startswith("control:") else "decoder"
