@@ -22,6 +22,7 @@ import torch
 
 from latentqa.paths import OFFLINE_MODEL, PROJECT_ROOT, RUNS_DIR
 from latentqa_platform import benchmarks as bm
+from latentqa_platform import console
 
 ENGINE = ["read", "train_step", "early_exit", "suite", "layout", "memory"]
 PLATFORM = ["ray", "serve"]
@@ -43,6 +44,7 @@ def parse_args(argv: list[str] | None):
         help="torch threads for the engine figures (default 1: on a shared machine more threads than free "
         "cores makes torch's spinning workers stall, and the noise swamps every ratio; 0: torch's choice)",
     )
+    p.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages here too")
     p.add_argument("--device", default="cpu", help="cpu or cuda (engine figures and the preset)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="engine model dtype")
     g = p.add_argument_group("engine model (a random Llama)")
@@ -134,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = args.output or RUNS_DIR / "benchmarks" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    if not args.verbose:
+        console.quiet(out / "console.log")  # Ray's, Serve's and the libraries' messages; the figures print here
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from latentqa.config import ConfigError
 from latentqa.data import DataError
+from latentqa_platform import console
 from latentqa_platform.batchjobs import run_main
 from latentqa_platform.curation import load_curation_config, run
 
@@ -33,8 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         "--llm.max_in_flight 8, --budget.max_requests 500, --counts.qa_pairs 6.",
     )
     parser.add_argument("--config", type=Path, help="YAML file of CurationConfig fields")
+    parser.add_argument("--verbose", action="store_true", help="show Ray's and the libraries' messages here too")
     args, overrides = parser.parse_known_args(argv)
     config = load_curation_config(args.config, overrides)
+    if not args.verbose:
+        log = Path(config.output_dir) / "console.log"
+        console.quiet(log)
+        print(f"Ray's and the libraries' messages: {log}")
     try:
         summary = run(config)
     except DataError as err:  # a damaged stage file: the user's to fix, named by file and line

@@ -98,7 +98,7 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
 def test_preset_path_runs_on_cpu(tmp_path):
     """The GPU preset's code path, on a tiny model on the CPU (the real run needs a GPU)."""
     out = tmp_path / "preset"
-    assert _job().main(["--preset", "tiny", "--repeats", "1", "--output", str(out)]) == 0
+    assert _job().main(["--preset", "tiny", "--repeats", "1", "--output", str(out), "--verbose"]) == 0
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert set(rows) == {"gpu train step", "gpu MFU", "gpu read latency", "gpu peak memory"}
     assert rows["gpu train step"]["measured"] > 0 and 0 < rows["gpu MFU"]["ratio"]

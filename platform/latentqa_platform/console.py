@@ -19,8 +19,6 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from ray.util.queue import Empty, Queue
-
 # Ray Data configures "ray.data" when imported, with a console handler of its own; MLflow
 # configures "mlflow" when imported unless MLFLOW_CONFIGURE_LOGGING is false.
 LIBRARY_LOGGERS = ("ray", "ray.data", "ray.train", "mlflow", "alembic", "transformers", "peft", "py.warnings")
@@ -66,12 +64,16 @@ class Channel:
     """Lines from the workers, printed by the driver as they come (a thread drains the queue)."""
 
     def __init__(self):
+        from ray.util.queue import Queue  # here: `quiet` alone needs no Ray
+
         self.queue = Queue(actor_options={"num_cpus": 0})  # no CPU taken from the workers
         self._stop = threading.Event()
         self._printer = threading.Thread(target=self._print, daemon=True)
         self._printer.start()
 
     def _print(self) -> None:
+        from ray.util.queue import Empty
+
         while not self._stop.is_set() or not self.queue.empty():
             try:
                 line = self.queue.get(timeout=0.5)
@@ -87,7 +89,7 @@ class Channel:
         self.queue.shutdown()
 
 
-def for_rank(is_main: bool, queue: Queue | None) -> Callable[[str], None]:
+def for_rank(is_main: bool, queue) -> Callable[[str], None]:
     """A print for the main rank only, through the driver's channel when it has one."""
 
     def say(text: str) -> None:
