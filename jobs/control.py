@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     connect(args, settings, output_dir / "logs" / f"control-{body.name}-{time.strftime('%Y%m%d-%H%M%S')}.log")
     decoder = tracking.pinned(args.decoder, job_tracking_uri(config, settings))  # the version the job uses throughout
     params = {"steps": str(config.steer.steps), "decoder": decoder, "source": "qa" if body.qa else "instruction"}
-    run = controls.open_job(settings.mlflow, output_dir, body.name, params)
+    run = controls.open_job(settings.mlflow, output_dir, body.name, params, owner="jobs/control.py")
     print(f"mlflow: control job run {run.run_id} at {run.tracking_uri}")
     task = ray.remote(control_task).options(
         num_cpus=settings.ray.cpus_per_worker, num_gpus=1 if settings.ray.use_gpu else 0

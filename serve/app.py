@@ -57,6 +57,8 @@ def application(settings: ServeSettings, model=ModelReplica, steering=Steering, 
     """The three deployments bound together; callers in Python may pass deployments with
     `.options(...)` (replicas, resources, runtime_env)."""
     args = settings.model_dump(mode="json")
+    # Bounded queues: past them Serve refuses a request (503) instead of letting it wait unseen.
+    model, gateway = (d.options(max_queued_requests=settings.max_queued_requests) for d in (model, gateway))
     if not settings.verbose:
         model, steering, gateway = (_quiet(d) for d in (model, steering, gateway))
     return gateway.bind(model.bind(args), steering.bind(args), args)

@@ -5,10 +5,12 @@ the app."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -22,6 +24,57 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _read_body(max_new_tokens: int) -> dict:
+    return {"dialogs": [DIALOG], "questions": [QUESTIONS[0]], "max_new_tokens": max_new_tokens}
+
+
+@contextlib.contextmanager
+def _served(apps: dict[str, dict], model_replicas: int = 1) -> Iterator[tuple[str, Path]]:
+    """A fresh (untrained) decoder of the offline default, served by one app per entry of `apps`
+    (its `ServeSettings` fields) under /<name> on a local Serve instance, each answering reads;
+    yields the base URL and the decoder's folder. Model replicas at 1 CPU each."""
+    import httpx
+    from ray import serve
+
+    from latentqa.config import load_config
+    from latentqa.models import DECODER
+    from latentqa.session import LatentQA
+    from latentqa_platform.serving import ServeSettings
+    from latentqa_platform.settings import MlflowSettings
+    from serve.app import Gateway, ModelReplica, Steering, application
+
+    tmp = Path(tempfile.mkdtemp(prefix="latentqa-bench-serve-"))
+    torch.manual_seed(0)
+    folder = LatentQA.load(load_config(), train_decoder=False).model.adapters.save(DECODER, tmp / "decoder")
+    mlflow = MlflowSettings(
+        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri()
+    )
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for name, fields in apps.items():
+            settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, auth="none", **fields)
+            app = application(
+                settings,
+                model=ModelReplica.options(num_replicas=model_replicas, ray_actor_options={"num_cpus": 1}),
+                steering=Steering.options(ray_actor_options={"num_cpus": 0.25}),
+                gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}),
+            )
+            serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
+        deadline = time.monotonic() + 300
+        with httpx.Client(base_url=url, timeout=300) as client:
+            for name in apps:
+                while client.post(f"/{name}/v1/read", json=_read_body(1)).status_code != 200:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"the serve app {name} did not answer")
+                    time.sleep(1)
+        yield url, folder
+    finally:
+        serve.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def serve_benchmarks(
@@ -39,47 +92,19 @@ def serve_benchmarks(
     import asyncio
 
     import httpx
-    from ray import serve
 
     from latentqa.config import load_config
-    from latentqa.models import DECODER
     from latentqa.reading import read
     from latentqa.session import LatentQA
     from latentqa_platform.serving import ServeSettings
-    from latentqa_platform.settings import MlflowSettings
-    from serve.app import Gateway, ModelReplica, Steering, application
 
-    tmp = Path(tempfile.mkdtemp(prefix="latentqa-bench-serve-"))
-    torch.manual_seed(0)
-    lqa = LatentQA.load(load_config(), train_decoder=False)
-    folder = lqa.model.adapters.save(DECODER, tmp / "decoder")
-    lqa = LatentQA.load(load_config(), folder)
-    mlflow = MlflowSettings(
-        tracking_uri=f"sqlite:///{tmp / 'mlflow.db'}", artifact_location=(tmp / "mlartifacts").as_uri()
-    )
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    url = f"http://127.0.0.1:{port}"
-    for name, batch in (("batched", clients), ("unbatched", 1)):
-        settings = ServeSettings(decoders={"bench": str(folder)}, mlflow=mlflow, max_batch_size=batch, auth="none")
-        app = application(
-            settings,
-            model=ModelReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 1}),
-            steering=Steering.options(ray_actor_options={"num_cpus": 0.25}),
-            gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}),
-        )
-        serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
-    body = {"dialogs": [DIALOG], "questions": [QUESTIONS[0]], "max_new_tokens": max_new_tokens}
+    body = _read_body(max_new_tokens)
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    apps = {"batched": {"max_batch_size": clients}, "unbatched": {"max_batch_size": 1}}
     try:
-        with httpx.Client(base_url=url, timeout=300) as client:
-            deadline = time.monotonic() + 300
-            for name in ("batched", "unbatched"):
-                while client.post(f"/{name}/v1/read", json=body).status_code != 200:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("the serve app did not answer")
-                    time.sleep(1)
+        with _served(apps) as (url, folder), httpx.Client(base_url=url, timeout=300) as client:
+            lqa = LatentQA.load(load_config(), folder)
             http_times, local_times, unbatched_times = [], [], []
             for _ in range(3):  # warm both paths
                 client.post("/batched/v1/read", json=body)
@@ -96,27 +121,25 @@ def serve_benchmarks(
                 client.post("/unbatched/v1/read", json=body).raise_for_status()
                 unbatched_times.append(time.perf_counter() - start)
 
-        async def load(name: str) -> float:
-            async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
+            async def load(name: str) -> float:
+                async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
 
-                async def one_client():
-                    for _ in range(requests):
-                        (await ac.post(f"/{name}/v1/read", json=body)).raise_for_status()
+                    async def one_client():
+                        for _ in range(requests):
+                            (await ac.post(f"/{name}/v1/read", json=body)).raise_for_status()
 
-                start = time.perf_counter()
-                await asyncio.gather(*(one_client() for _ in range(clients)))
-                return clients * requests / (time.perf_counter() - start)
+                    start = time.perf_counter()
+                    await asyncio.gather(*(one_client() for _ in range(clients)))
+                    return clients * requests / (time.perf_counter() - start)
 
-        asyncio.run(load("batched"))  # warm-up round
-        asyncio.run(load("unbatched"))
-        batched, unbatched = [], []
-        for _ in range(repeats):
-            batched.append(asyncio.run(load("batched")))
-            unbatched.append(asyncio.run(load("unbatched")))
+            asyncio.run(load("batched"))  # warm-up round
+            asyncio.run(load("unbatched"))
+            batched, unbatched = [], []
+            for _ in range(repeats):
+                batched.append(asyncio.run(load("batched")))
+                unbatched.append(asyncio.run(load("unbatched")))
     finally:
         torch.set_num_threads(previous)
-        serve.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
     http_p50, local_p50 = statistics.median(http_times), statistics.median(local_times)
     overhead = (http_p50 - local_p50) * 1000
     throughput_ratio = paired_ratio(batched, unbatched)
@@ -156,3 +179,99 @@ def serve_benchmarks(
             repeats=repeats,
         ),
     ]
+
+
+def serve_load(reads: int = 2000, clients: int = 32, max_new_tokens: int = 4) -> list[dict]:
+    """`reads` reads from `clients` concurrent clients to one app of two model replicas: latency
+    percentiles and lost requests; then the same with one model replica killed a third of the way
+    in, where every request must be answered, 200 or 503 with Retry-After, and none may hang.
+    The ratio is the fault round's p50 against the steady round's, measured one after the other."""
+    import asyncio
+
+    import ray
+
+    def kill_one_model_replica() -> None:
+        replicas = [
+            a
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "bench-load" in a["name"] and "ModelReplica" in a["name"]
+        ]
+        ray.kill(ray.get_actor(replicas[0]["name"], namespace=replicas[0]["namespace"]), no_restart=True)
+
+    with _served({"load": {}}, model_replicas=2) as (url, _):
+        steady = asyncio.run(_load_round(f"{url}/load", reads, clients, max_new_tokens))
+        faulty = asyncio.run(_load_round(f"{url}/load", reads, clients, max_new_tokens, kill_one_model_replica))
+    rows = []
+    for name, round_, fault in (("serve load", steady, None), ("serve load, a replica killed", faulty, "killed")):
+        unexpected = {s: n for s, n in round_["statuses"].items() if s != 200 and not (fault and s == 503)}
+        met = not unexpected and round_["hung"] == 0 and round_["answered"] == reads and round_["retry_after"]
+        rows.append(
+            row(
+                name,
+                _percentile(round_["latencies"], 50),
+                _percentile(steady["latencies"], 50),
+                "s (p50)",
+                _percentile(round_["latencies"], 50) / _percentile(steady["latencies"], 50),
+                "every read answered (200, or 503 with Retry-After where a replica died); none lost or hung",
+                bool(met),
+                measured_is=f"{reads} reads, {clients} concurrent clients, 2 model replicas"
+                + (", one killed after a third" if fault else ""),
+                baseline_is="the steady round's p50",
+                p95=_percentile(round_["latencies"], 95),
+                p99=_percentile(round_["latencies"], 99),
+                statuses={str(s): n for s, n in sorted(round_["statuses"].items())},
+                hung=round_["hung"],
+                wall_s=round_["wall_s"],
+                reads_per_s=reads / round_["wall_s"],
+            )
+        )
+    return rows
+
+
+def _percentile(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100)[q - 1] if len(values) > 1 else values[0]
+
+
+async def _load_round(url: str, reads: int, clients: int, max_new_tokens: int, on_third=None) -> dict:
+    """`reads` POST /v1/read from `clients` concurrent clients; `on_third` runs once a third are
+    sent. A read with no answer in 120 s counts as hung."""
+    import asyncio
+    from collections import Counter
+
+    import httpx
+
+    body, queue = _read_body(max_new_tokens), asyncio.Queue()
+    for i in range(reads):
+        queue.put_nowait(i)
+    latencies, statuses, hung, retry_after = [], Counter(), 0, True
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal hung, retry_after
+        while not queue.empty():
+            i = queue.get_nowait()
+            if on_third and i == reads // 3:
+                await asyncio.to_thread(on_third)
+            start = time.perf_counter()
+            try:
+                response = await http.post("/v1/read", json=body)
+            except httpx.HTTPError:
+                hung += 1
+                continue
+            statuses[response.status_code] += 1
+            if response.status_code == 200:
+                latencies.append(time.perf_counter() - start)
+            elif response.status_code == 503:
+                retry_after = retry_after and "retry-after" in response.headers
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+    wall = time.perf_counter() - started
+    return {
+        "latencies": latencies,
+        "statuses": statuses,
+        "hung": hung,
+        "answered": sum(statuses.values()),
+        "retry_after": retry_after,
+        "wall_s": wall,
+    }

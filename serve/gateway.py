@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -49,30 +50,49 @@ api = FastAPIOffline(
 )
 
 
-def _error(status: int, fields: list[tuple[list, str]]) -> JSONResponse:
+log = logging.getLogger("ray.serve")  # Serve's replica log: each line carries the request id
+
+
+def _request_id(scope) -> str | None:
+    """The id Serve's proxy gave the request (or the client sent); the response's X-Request-ID."""
+    return dict(scope.get("headers") or []).get(b"x-request-id", b"").decode() or None
+
+
+def _error(request: Request, status: int, fields: list[tuple[list, str]]) -> JSONResponse:
     detail = [{"loc": loc, "msg": msg} for loc, msg in fields]
     message = "; ".join(f"{'.'.join(str(p) for p in loc)}: {msg}" for loc, msg in fields)
-    return JSONResponse({"detail": detail, "message": message}, status_code=status)
+    return JSONResponse(
+        {"detail": detail, "message": message, "request_id": _request_id(request.scope)}, status_code=status
+    )
 
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
-    return _error(422, [(list(e["loc"]), e["msg"]) for e in err.errors()])
+    return _error(request, 422, [(list(e["loc"]), e["msg"]) for e in err.errors()])
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(
-        {"detail": err.detail, "message": str(err.detail)}, status_code=err.status_code, headers=err.headers
-    )
+    body = {"detail": err.detail, "message": str(err.detail), "request_id": _request_id(request.scope)}
+    return JSONResponse(body, status_code=err.status_code, headers=err.headers)
 
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    response = _error(err.status, [(["body", *err.field.split(".")], err.message)])
+    response = _error(request, err.status, [(["body", *err.field.split(".")], err.message)])
     if isinstance(err, (Overloaded, Unavailable)):
         response.headers["Retry-After"] = str(err.retry_after_s)
+        log.warning("%s %s: %s: %s", err.status, request.url.path, err.field, err.message)
     return response
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, err: Exception) -> JSONResponse:
+    # The details (and the trace) go to the log under the request id; the client gets the id only.
+    log.error("500 %s: %s: %s", request.url.path, type(err).__name__, err, exc_info=err)
+    request_id = _request_id(request.scope)
+    message = f"internal error; the server log has the details under request id {request_id}"
+    return JSONResponse({"detail": message, "message": message, "request_id": request_id}, status_code=500)
 
 
 class RequestGuard:
@@ -107,7 +127,8 @@ class RequestGuard:
 
 
 async def _refuse(status: int, message: str, scope, receive, send, headers: dict | None = None) -> None:
-    response = JSONResponse({"detail": message, "message": message}, status_code=status, headers=headers)
+    body = {"detail": message, "message": message, "request_id": _request_id(scope)}
+    response = JSONResponse(body, status_code=status, headers=headers)
     await response(scope, receive, send)
 
 
@@ -133,20 +154,29 @@ class Gateway:
         self.controls = AdapterCatalog("control", self.settings.controls, uri)
         api.state.token = self.settings.auth_token()  # raises (the replica does not start) when auth has no token
         api.state.max_body_bytes = self.settings.max_body_bytes
-        logging.getLogger("ray.serve").warning(
-            "auth: %s", "bearer token" if api.state.token else "none (every route is open)"
-        )
+        log.warning("auth: %s", "bearer token" if api.state.token else "none (every route is open)")
 
     async def _call(self, method: str, adapter_id: str | None, *args, stream: bool = False):
         handle = self.model.options(multiplexed_model_id=adapter_id or "", stream=stream)
-        if stream:
-            return getattr(handle, method).remote(*args)
+        response = getattr(handle, method).remote(*args)
+        return response if stream else await self._answer(response, response)
+
+    async def _answer(self, pending, response):
+        """`pending` (the model's answer, or a stream's first part) within the request timeout,
+        with the model's failures as HTTP errors; a request past its time is cancelled."""
+        timeout = self.settings.request_timeout_s
         try:
-            return await getattr(handle, method).remote(*args)
+            return await asyncio.wait_for(pending, timeout)
+        except TimeoutError:
+            response.cancel()
+            raise Unavailable("model", f"no answer within {timeout:g} s; retry later, or send less") from None
         except (RayActorError, ActorUnavailableError):  # the replica died under the request; Serve replaces it
             raise Unavailable("model", "the model replica serving this request stopped; retry") from None
         except Exception as err:
-            raise _cause(err) from None
+            err = _cause(err)
+            if isinstance(err, BackPressureError):
+                raise Unavailable("model", "the model replicas' queues are full; retry later") from None
+            raise err from None
 
     async def _decoder(self, name: str | None) -> str:
         return await asyncio.to_thread(self.decoders.locate, name or self.settings.decoder_name(), "decoder")
@@ -217,10 +247,8 @@ class Gateway:
                 body.model, out["text"], out["prompt_tokens"], out["completion_tokens"], out["finish"]
             )
         parts = await self._call("chat_stream", adapter, messages, options, stream=True)
-        try:  # the first part comes after the replica's checks: a bad request still gets its 4xx
-            first = await parts.__anext__()
-        except Exception as err:
-            raise _cause(err) from None
+        # The first part comes after the replica's checks: a bad request still gets its 4xx.
+        first = await self._answer(parts.__anext__(), parts)
         return StreamingResponse(self._sse(first, parts, body.model), media_type="text/event-stream")
 
     async def _sse(self, first: dict, parts, model: str):

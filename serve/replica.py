@@ -3,9 +3,13 @@ Serve-multiplexed on it (LRU, `max_adapters_per_replica`), reads are batched wit
 and all model work runs on one worker thread so the replica's event loop keeps answering."""
 
 import asyncio
+import contextlib
+import sys
 import tempfile
+import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,22 +19,45 @@ from ray import serve
 
 from latentqa_platform import console
 from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
-from latentqa_platform.serving import RequestError, ServeSettings, Unavailable
+from latentqa_platform.serving import RequestError, ServeSettings, Unavailable, check_tokens
 
 
-@dataclass
 class ServedAdapter:
-    """One multiplexed adapter on a replica; Serve calls __del__ when the LRU evicts it."""
+    """One multiplexed adapter on a replica. Serve's LRU evicts it by calling __del__, but the
+    requests using it hold it, and it is unmounted only when the last of them is done: a read
+    queued behind an eviction never finds its decoder gone. (Held adapters may briefly exceed
+    `max_adapters_per_replica`, by at most the requests in flight.)"""
 
-    replica: "ModelReplica"
-    peft_name: str
-    read_layer: int
+    def __init__(self, replica: "ModelReplica", peft_name: str, read_layer: int):
+        self.replica, self.peft_name, self.read_layer = replica, peft_name, read_layer
+        self.holders, self.evicted = 0, False
+        self.lock = threading.Lock()  # Serve runs __del__ on an executor thread
 
-    def __del__(self):
-        # Serve runs this on an executor thread: queue the unload behind any model work in flight.
-        if self.peft_name and self.replica.work is not None:
+    @contextlib.contextmanager
+    def held(self) -> Iterator["ServedAdapter"]:
+        with self.lock:
+            self.holders += 1
+        try:
+            yield self
+        finally:
+            with self.lock:
+                self.holders -= 1
+                last = self.evicted and self.holders == 0
+            if last:
+                self._unmount()
+
+    def __del__(self):  # Serve's eviction, then the garbage collector: once is enough
+        with self.lock:
+            self.evicted = True
+            idle = self.holders == 0
+        if idle:
+            self._unmount()
+
+    def _unmount(self) -> None:
+        with self.lock:
             name, self.peft_name = self.peft_name, ""
-            self.replica.work.submit(self.replica.adapters.unload, name).result()
+        if name and self.replica.work is not None:  # behind any model work in flight, on its one thread
+            self.replica.work.submit(self.replica.adapters.unload, name)
 
 
 @dataclass(frozen=True)
@@ -100,6 +127,16 @@ class ModelReplica:
             raise Unavailable("model", "out of memory for this request; retry later, or send less") from None
 
     async def _load(self, adapter_id: str) -> ServedAdapter:
+        # Shielded: a client gone mid-load cancels this request, not the mount; the adapter is then
+        # unmounted at once instead of staying on the base with nothing left to evict it.
+        mounting = asyncio.ensure_future(self._mount(adapter_id))
+        try:
+            return await asyncio.shield(mounting)
+        except asyncio.CancelledError:
+            mounting.add_done_callback(lambda done: done.cancelled() or done.exception() or done.result()._unmount())
+            raise
+
+    async def _mount(self, adapter_id: str) -> ServedAdapter:
         kind = "control" if adapter_id.startswith("control:") else "decoder"
         with tempfile.TemporaryDirectory() as tmp:  # the weights are in memory once loaded
             fetched = await asyncio.to_thread(self.catalogs[kind].fetch, adapter_id, Path(tmp))
@@ -108,44 +145,106 @@ class ModelReplica:
             await self._run(self.adapters.load, fetched.folder, peft_name)
         return ServedAdapter(self, peft_name, read_layer)
 
-    async def _current(self) -> ServedAdapter | None:
-        """The adapter this request was routed for (its multiplexed id), or None (the target)."""
+    @contextlib.asynccontextmanager
+    async def _routed_adapter(self, default: ServedAdapter | None = None):
+        """The adapter this request was routed for (its multiplexed id; `default` without one, None
+        for the bare target), held while the request uses it."""
         adapter_id = serve.get_multiplexed_model_id()
         if not adapter_id:
-            return None
-        return self.default if adapter_id == self.default_id else await self.adapter(adapter_id)
+            adapter = default
+        else:
+            adapter = self.default if adapter_id == self.default_id else await self.adapter(adapter_id)
+        if adapter is None:
+            yield None
+            return
+        with adapter.held():
+            yield adapter
 
-    def _check(self, dialogs: list[list[dict]], field: str, read_layer: int | None) -> None:
-        """Per-request checks that need the tokenizer or the model, done before batching so that
-        one bad request never fails the others in its batch."""
+    # ----- the per-request work limits (serve/README.md), checked before batching so that one
+    # bad request never fails the others in its batch
+    def _tokens(self, text: str) -> int:
+        return len(self.lqa.chat_format.encode([text], plain=True)[0])
+
+    @property
+    def _context(self) -> int:
+        return self.lqa.layout.max_length or sys.maxsize
+
+    def _check_dialogs(self, dialogs: list[list[dict]], field: str) -> list[int]:
+        """Each turn and each whole dialog as the target reads it within the limits; returns each
+        dialog's read span length (the decoder's placeholders)."""
         from latentqa.reading import dialog_to_read
 
-        limit = self.settings.max_turn_tokens
+        limit = min(self.settings.max_dialog_tokens, self._context)
+        spans = []
         for d, dialog in enumerate(dialogs):
-            for m, message in enumerate(dialog):
-                tokens = len(self.lqa.chat_format.encode([message["content"]], plain=True)[0])
-                if tokens > limit:
-                    raise RequestError(f"{field}.{d}.{m}.content", f"{tokens} tokens; a turn may have at most {limit}")
+            turns = {f"{field}.{d}.{m}.content": message["content"] for m, message in enumerate(dialog)}
+            check_tokens(self._tokens, turns, self.settings.max_turn_tokens)
             try:
-                self.lqa.layout.read_side(dialog_to_read(dialog))
+                side = self.lqa.layout.read_side(dialog_to_read(dialog))
             except Exception as err:  # a role or shape the chat template rejects
                 raise RequestError(f"{field}.{d}", str(err)) from None
-        if read_layer is not None and not 0 <= read_layer < self.lqa.model.num_layers:
+            if len(side.ids) > limit:
+                raise RequestError(f"{field}.{d}", f"{len(side.ids)} tokens as the target reads it; at most {limit}")
+            spans.append(side.patched_span[1] - side.patched_span[0])
+        return spans
+
+    def _check_layer(self, read_layer: int) -> None:
+        if not 0 <= read_layer < self.lqa.model.num_layers:
             raise RequestError("read_layer", f"{read_layer} is outside the target's {self.lqa.model.num_layers} blocks")
 
+    def _check_read(self, dialogs: list[list[dict]], questions: list[str], max_new_tokens: int) -> None:
+        spans = self._check_dialogs(dialogs, "dialogs")
+        check_tokens(
+            self._tokens, {f"questions.{q}": text for q, text in enumerate(questions)}, self.settings.max_turn_tokens
+        )
+        generated, budget = len(dialogs) * len(questions) * max_new_tokens, self.settings.max_generated_tokens
+        if generated > budget:
+            raise RequestError(
+                "max_new_tokens",
+                f"{len(dialogs)} dialogs × {len(questions)} questions × {max_new_tokens} new tokens is {generated}; "
+                f"a read may generate at most {budget}",
+            )
+        longest = max(questions, key=self._tokens)
+        for d, span in enumerate(spans):
+            prompt = len(self.lqa.layout.write_side(span, longest, None, "generate").ids)
+            if prompt + max_new_tokens > self._context:
+                raise RequestError(
+                    f"dialogs.{d}",
+                    f"the decoder's prompt ({prompt} tokens) and {max_new_tokens} new tokens exceed the target's "
+                    f"context of {self._context}",
+                )
+
+    def _check_score(self, dialog: list[dict], question: str, candidates: list[str]) -> None:
+        [span] = self._check_dialogs([dialog], "dialog")
+        texts = {"question": question, **{f"candidates.{c}": text for c, text in enumerate(candidates)}}
+        check_tokens(self._tokens, texts, self.settings.max_turn_tokens)
+        lengths = [len(self.lqa.layout.write_side(span, question, text, "score").ids) for text in candidates]
+        for c, length in enumerate(lengths):
+            if length > self._context:
+                raise RequestError(
+                    f"candidates.{c}", f"{length} decoder tokens; the target's context is {self._context}"
+                )
+        if sum(lengths) > self.settings.max_scored_tokens:
+            raise RequestError(
+                "candidates",
+                f"{len(candidates)} candidates make {sum(lengths)} decoder tokens; a score may run at most "
+                f"{self.settings.max_scored_tokens}",
+            )
+
     async def read(self, dialogs: list[list[dict]], questions: list[str], read_layer: int | None, max_new_tokens: int):
-        adapter = await self._current() or self.default
-        layer = adapter.read_layer if read_layer is None else read_layer
-        self._check(dialogs, "dialogs", layer)
-        # Wait for company only where there is some: other reads in flight, or a last batch of
-        # several (their clients are about to send again). A lone client's read starts at once.
-        concurrent = self.reads_in_flight > 0 or self.last_batch_size > 1
-        self.read_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s if concurrent else 0.0)
-        self.reads_in_flight += 1
-        try:
-            return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
-        finally:
-            self.reads_in_flight -= 1
+        async with self._routed_adapter(self.default) as adapter:
+            layer = adapter.read_layer if read_layer is None else read_layer
+            self._check_layer(layer)
+            self._check_read(dialogs, questions, max_new_tokens)
+            # Wait for company only where there is some: other reads in flight, or a last batch of
+            # several (their clients are about to send again). A lone client's read starts at once.
+            concurrent = self.reads_in_flight > 0 or self.last_batch_size > 1
+            self.read_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s if concurrent else 0.0)
+            self.reads_in_flight += 1
+            try:
+                return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
+            finally:
+                self.reads_in_flight -= 1
 
     async def _read_many(self, jobs: list[ReadJob]) -> list[list[list[str]]]:
         """One engine `read` per (decoder, layer, length) group of the batch: the target pass is
@@ -166,8 +265,6 @@ class ModelReplica:
     def _read_group(self, peft_name, dialogs, questions, layer, max_new_tokens):
         from latentqa.reading import read
 
-        if not self.adapters.has(peft_name):
-            raise RequestError("decoder", "the decoder was evicted while the request waited; retry")
         with self.adapters.routed(decoder=peft_name):
             return read(
                 self.lqa,
@@ -181,20 +278,28 @@ class ModelReplica:
     async def score(self, dialog: list[dict], question: str, candidates: list[str], read_layer: int | None):
         from latentqa.reading import score
 
-        adapter = await self._current() or self.default
-        layer = adapter.read_layer if read_layer is None else read_layer
-        self._check([dialog], "dialog", layer)
+        async with self._routed_adapter(self.default) as adapter:
+            layer = adapter.read_layer if read_layer is None else read_layer
+            self._check_layer(layer)
+            self._check_score(dialog, question, candidates)
 
-        def run():
-            with self.adapters.routed(decoder=adapter.peft_name):
-                return [(s.answer, s.loss) for s in score(self.lqa, dialog, question, candidates, read_layer=layer)]
+            def run():
+                with self.adapters.routed(decoder=adapter.peft_name):
+                    ranked = score(self.lqa, dialog, question, candidates, read_layer=layer)
+                    return [(s.answer, s.loss) for s in ranked]
 
-        return layer, await self._run(run)
+            return layer, await self._run(run)
 
     # ----- chat: the target (with or without a control adapter) as a chat model
-    def _prompt(self, messages: list[dict]) -> list[int]:
-        self._check([messages], "messages", None)
-        return self.lqa.chat_format.prompt_ids(messages)
+    def _prompt(self, messages: list[dict], max_tokens: int) -> list[int]:
+        self._check_dialogs([messages], "messages")
+        prompt = self.lqa.chat_format.prompt_ids(messages)
+        if len(prompt) + max_tokens > self._context:
+            raise RequestError(
+                "max_tokens",
+                f"the prompt's {len(prompt)} tokens and {max_tokens} more exceed the context of {self._context}",
+            )
+        return prompt
 
     def _generate(self, peft_name: str | None, prompt: list[int], options: dict, streamer=None) -> list[int]:
         import torch
@@ -224,9 +329,10 @@ class ModelReplica:
         return tokens, "length"
 
     async def chat(self, messages: list[dict], options: dict) -> dict:
-        adapter = await self._current()
-        prompt = self._prompt(messages)
-        tokens, finish = self._finish(await self._run(self._generate, adapter and adapter.peft_name, prompt, options))
+        async with self._routed_adapter() as adapter:
+            prompt = self._prompt(messages, options["max_tokens"])
+            generated = await self._run(self._generate, adapter and adapter.peft_name, prompt, options)
+        tokens, finish = self._finish(generated)
         return {
             "text": self.lqa.decode(tokens),
             "prompt_tokens": len(prompt),
@@ -238,19 +344,19 @@ class ModelReplica:
         """Text deltas as the target generates them, then {"finish": reason}."""
         from transformers import AsyncTextIteratorStreamer
 
-        adapter = await self._current()
-        prompt = self._prompt(messages)
-        streamer = AsyncTextIteratorStreamer(self.lqa.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        async with self._routed_adapter() as adapter:
+            prompt = self._prompt(messages, options["max_tokens"])
+            streamer = AsyncTextIteratorStreamer(self.lqa.tokenizer, skip_prompt=True, skip_special_tokens=True)
 
-        async def generate():
-            try:
-                return await self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer)
-            finally:  # a generation that raised never ends its streamer, and the loop below would wait forever
-                streamer.end()
+            async def generate():
+                try:
+                    return await self._run(self._generate, adapter and adapter.peft_name, prompt, options, streamer)
+                finally:  # a generation that raised never ends its streamer, and the loop below would wait forever
+                    streamer.end()
 
-        generation = asyncio.ensure_future(generate())
-        async for text in streamer:
-            if text:
-                yield {"delta": text}
-        _, finish = self._finish(await generation)
+            generation = asyncio.ensure_future(generate())
+            async for text in streamer:
+                if text:
+                    yield {"delta": text}
+            _, finish = self._finish(await generation)
         yield {"finish": finish}

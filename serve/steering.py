@@ -1,6 +1,7 @@
 """The `Steering` deployment: control jobs, one at a time on a background thread; their state
 lives in MLflow."""
 
+import logging
 import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,7 @@ from ray import serve
 
 from latentqa_platform import console, controls
 from latentqa_platform.adapters import AdapterCatalog
-from latentqa_platform.serving import ControlRequest, Overloaded, ServeSettings
+from latentqa_platform.serving import ControlRequest, Overloaded, ServeSettings, check_tokens
 
 
 @serve.deployment(name="Steering", num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
@@ -18,18 +19,33 @@ class Steering:
     """Runs control jobs one at a time on a background thread, so submitting returns at once."""
 
     def __init__(self, settings: dict):
+        from latentqa.paths import RUNS_DIR
+        from latentqa.session import layout_for
+
         self.settings = ServeSettings.model_validate(settings)
         if not self.settings.verbose:
             console.quiet_replica()
         self.catalog = AdapterCatalog("decoder", self.settings.decoders, self.settings.tracking_uri())
+        self.chat_format = layout_for(self.settings.engine_config()).chat_format  # counts tokens; no weights
+        # One Steering per app: a new one means the last is gone, with the jobs it had queued or running.
+        self.owner = f"serve app {serve.get_replica_context().app_name}"
+        lost = controls.fail_orphaned_jobs(self.settings.mlflow, RUNS_DIR, self.owner)
+        if lost:
+            logging.getLogger("ray.serve").warning(
+                "control jobs left unfinished by the last Steering, failed: %s", lost
+            )
         self.queue = ThreadPoolExecutor(1, thread_name_prefix="latentqa-steer")
         self.pending, self.pending_lock = 0, threading.Lock()  # jobs queued or running
         self.session = None  # (decoder id, LatentQA): kept while jobs use the same decoder
 
     def submit(self, request: dict, decoder_id: str) -> str:
-        body = ControlRequest.model_validate(request)
         from latentqa.paths import RUNS_DIR
 
+        body = ControlRequest.model_validate(request)
+        texts = {f"qa.{i}.{j}": text for i, pair in enumerate(body.qa or []) for j, text in enumerate(pair)}
+        texts |= {f"questions.{i}": text for i, text in enumerate(body.questions or [])}
+        texts |= {"instruction": body.instruction} if body.instruction else {}
+        check_tokens(self._tokens, texts, self.settings.max_turn_tokens)
         with self.pending_lock:
             if self.pending >= self.settings.max_queued_controls:
                 raise Overloaded("name", f"{self.pending} control jobs are queued or running; retry later")
@@ -41,12 +57,15 @@ class Steering:
             "source": "qa" if body.qa else "instruction",
         }
         try:
-            run = controls.open_job(self.settings.mlflow, RUNS_DIR, body.name, params)
+            run = controls.open_job(self.settings.mlflow, RUNS_DIR, body.name, params, self.owner)
         except BaseException:
             self._done()
             raise
         self.queue.submit(self._run, run, body, decoder_id)
         return run.run_id
+
+    def _tokens(self, text: str) -> int:
+        return len(self.chat_format.encode([text], plain=True)[0])
 
     def _done(self) -> None:
         with self.pending_lock:

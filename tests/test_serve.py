@@ -14,6 +14,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -25,6 +26,9 @@ from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT
 TOKEN = "test-token-7f3a"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 APP = "latentqa-test"
+SAME_DECODER = ["local", "local-b", "local-c", "local-d", "local-e"]  # one folder, five adapter ids
+WORDS = "word " * 25  # about 51 tokens: within a turn's 64; several of them make a long dialog
+LONG_DIALOG = [{"role": r, "content": WORDS} for r in ("user", "assistant", "user", "assistant")]
 DIALOG = [{"role": "user", "content": "Please talk like a pirate from now on."}]
 MULTI_TURN = [
     {"role": "system", "content": "You are a cheerful baker."},
@@ -50,10 +54,14 @@ def app(ray_cluster, decoder):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(
-        decoders={"tiny": decoder.registry_uri, "local": str(decoder.folder)},
+        # More adapters than the replicas have slots (2 x 2), so evictions happen under load.
+        decoders={"tiny": decoder.registry_uri, **{name: str(decoder.folder) for name in SAME_DECODER}},
         mlflow=decoder.mlflow_settings(),
         max_adapters_per_replica=2,
         max_turn_tokens=64,
+        max_dialog_tokens=160,
+        max_generated_tokens=2000,
+        max_scored_tokens=1200,
         max_body_bytes=200_000,
     )
     app = application(
@@ -71,6 +79,13 @@ def app(ray_cluster, decoder):
         yield url
     finally:
         serve.shutdown()
+
+
+def _request(path: str):
+    """A request as the gateway's error handlers get it, for calling them directly."""
+    from starlette.requests import Request
+
+    return Request({"type": "http", "method": "POST", "path": path, "headers": [], "query_string": b""})
 
 
 def _wait_healthy(url: str, timeout: float = 180) -> None:
@@ -136,7 +151,9 @@ def test_a_registry_outage_is_503_with_retry_after_and_a_missing_version_404(dec
     with pytest.raises(Unavailable, match="configured decoder 'local' cannot be loaded") as refused:
         up.fetch("decoder:local", tmp_path)
     assert str(tmp_path) not in str(refused.value)
-    response = asyncio.run(_request_error(None, Unavailable("decoder", "the model registry is unavailable")))
+    response = asyncio.run(
+        _request_error(_request("/v1/read"), Unavailable("decoder", "the model registry is unavailable"))
+    )
     assert response.status_code == 503 and response.headers["retry-after"] == "5"
 
 
@@ -215,12 +232,63 @@ def test_score_ranks_candidates_best_first(client):
         ("/v1/controls", {"name": "Bad Name!", "qa": [["q", "a"]]}, 422, "body.name"),
         ("/v1/controls", {"name": "x", "qa": [["q", "a"]], "instruction": "Be a pirate."}, 422, "body"),
         ("/v1/controls", {"name": "x", "qa": [["q", "a"]], "steps": 10_000}, 422, "body.steps"),
+        # work budgets in tokens (the fixture's: turn 64, dialog 160, read 2000 generated, score 1200)
+        ("/v1/read", {"dialogs": [DIALOG] * 4, "questions": ["Q?"] * 4, "max_new_tokens": 200}, 422, "at most 2000"),
+        ("/v1/read", {"dialogs": [LONG_DIALOG], "questions": ["Q?"]}, 422, "body.dialogs.0: "),
+        ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?", WORDS * 2]}, 422, "body.questions.1"),
+        ("/v1/score", {"dialog": DIALOG, "question": WORDS * 2, "candidates": ["a"]}, 422, "body.question"),
+        ("/v1/score", {"dialog": DIALOG, "question": "Q?", "candidates": ["a", WORDS * 2]}, 422, "body.candidates.1"),
+        ("/v1/score", {"dialog": DIALOG, "question": "Q?", "candidates": [WORDS] * 32}, 422, "a score may run at most"),
+        ("/v1/chat/completions", {"model": "target", "messages": LONG_DIALOG}, 422, "body.messages.0: "),
+        ("/v1/controls", {"name": "x", "qa": [["q", WORDS * 2]]}, 422, "body.qa.0.1"),
+        ("/v1/controls", {"name": "x", "instruction": WORDS * 2}, 422, "body.instruction"),
     ],
 )
 def test_bad_requests_get_4xx_naming_the_field(client, path, body, status, field):
     out = client.post(path, json=body)
     assert out.status_code == status, out.text
     assert field in out.json()["message"], out.text
+
+
+def test_every_answer_carries_a_request_id_and_errors_name_it(app, client):
+    """The id of Serve's proxy (or the client's own), in the header and in every error's body: the
+    server log has the details under it."""
+    assert client.get("/v1/decoders").headers["x-request-id"]
+    refused = client.post("/v1/read", json={"dialogs": [DIALOG], "questions": []})
+    assert refused.status_code == 422 and refused.json()["request_id"] == refused.headers["x-request-id"]
+    traced = client.post("/v1/read", json={"dialogs": [DIALOG], "questions": []}, headers={"X-Request-ID": "trace-42"})
+    assert traced.headers["x-request-id"] == "trace-42" and traced.json()["request_id"] == "trace-42"
+    stranger = httpx.get(f"{app}/v1/decoders", timeout=30)  # refused by the guard, before any route
+    assert stranger.status_code == 401 and stranger.json()["request_id"] == stranger.headers["x-request-id"]
+
+
+def test_a_model_answer_past_the_timeout_or_a_full_queue_is_503_with_retry_after():
+    """The Gateway's wait on the model: past `request_timeout_s` the request is cancelled and
+    answered 503; Serve's back-pressure (a full queue) is 503 too, both with Retry-After."""
+    from ray.serve.exceptions import BackPressureError
+
+    from latentqa_platform.serving import ServeSettings, Unavailable
+    from serve.gateway import Gateway
+
+    class Pending:
+        cancelled = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    gateway = Gateway.func_or_class.__new__(Gateway.func_or_class)
+    gateway.settings = ServeSettings(request_timeout_s=0.2)
+    pending = Pending()
+    with pytest.raises(Unavailable, match=r"no answer within 0\.2 s"):
+        asyncio.run(gateway._answer(asyncio.sleep(30), pending))
+    assert pending.cancelled
+
+    async def full():
+        raise BackPressureError(num_queued_requests=64, max_queued_requests=64)
+
+    with pytest.raises(Unavailable, match="queues are full") as refused:
+        asyncio.run(gateway._answer(full(), pending))
+    assert refused.value.status == 503 and refused.value.retry_after_s > 0
 
 
 def test_unknown_control_job_is_404(client):
@@ -397,10 +465,12 @@ def test_control_from_an_instruction(client):
     assert job["adapter"].startswith("latentqa-control-pirate-read/")
 
 
-def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path):
+def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path, monkeypatch):
     """The Steering deployment's class in process: past `max_queued_controls` a job is refused
     (429 with Retry-After at the gateway), and a failure outside the job itself (here an
     unreadable prompt set) still ends the job failed, with the error, instead of queued forever."""
+    from ray import serve
+
     from latentqa_platform import controls
     from latentqa_platform.serving import Overloaded, ServeSettings
     from serve.gateway import _request_error
@@ -413,6 +483,7 @@ def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path):
         max_queued_controls=1,
         verbose=True,
     )
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="in-process"))
     steering = Steering.func_or_class(settings.model_dump(mode="json"))
     opened, load = threading.Event(), steering._session
     steering._session = lambda decoder_id: opened.wait(60) and load(decoder_id)  # the job waits while we submit
@@ -420,20 +491,27 @@ def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path):
     job = steering.submit(request, "decoder:local")
     with pytest.raises(Overloaded, match="1 control jobs are queued or running"):
         steering.submit(request, "decoder:local")
-    opened.set()
+    # A Steering of the same app starting again (its last one died): the job it left is failed.
+    restarted = Steering.func_or_class(settings.model_dump(mode="json"))
+    status = controls.job_status(decoder.tracking_uri, job)
+    assert status["status"] == "failed" and "in-process stopped before the job ended" in status["error"], status
+    opened.set()  # the first Steering's job now ends (failed: the prompts are missing) and frees its place
     steering.queue.shutdown(wait=True)
     status = controls.job_status(decoder.tracking_uri, job)
     assert status["status"] == "failed" and "missing.json" in status["error"], status
-    assert steering.pending == 0
-    response = asyncio.run(_request_error(None, Overloaded("name", "busy")))
+    assert steering.pending == 0 and restarted.pending == 0
+    response = asyncio.run(_request_error(_request("/v1/controls"), Overloaded("name", "busy")))
     assert response.status_code == 429 and response.headers["retry-after"] == "30"
 
 
 # ---------------------------------------------------------------- load and failure
 
 
-async def _load(app: str, total: int, concurrency: int, on_half=None) -> tuple[list[float], list[str]]:
-    """`total` reads, `concurrency` at a time; returns latencies of successes and the failures."""
+async def _load(
+    app: str, total: int, concurrency: int, on_half=None, decoders: tuple[str | None, ...] = (None,)
+) -> tuple[list[float], list[str]]:
+    """`total` reads, `concurrency` at a time, read i with `decoders[i % len(decoders)]`; returns
+    latencies of successes and the failures."""
     latencies, failures = [], []
     queue = asyncio.Queue()
     for i in range(total):
@@ -447,7 +525,7 @@ async def _load(app: str, total: int, concurrency: int, on_half=None) -> tuple[l
                 await asyncio.to_thread(on_half)
             start = time.perf_counter()
             try:
-                out = await http.post("/v1/read", json=body)
+                out = await http.post("/v1/read", json={**body, "decoder": decoders[i % len(decoders)]})
                 if out.status_code == 200 and len(out.json()["results"][0]) == 1:
                     latencies.append(time.perf_counter() - start)
                 else:
@@ -474,6 +552,14 @@ def test_load_200_reads_16_concurrent(app):
         f"p95 {_percentile(latencies, 95) * 1000:.0f} ms, errors {len(failures)}"
     )
     assert failures == [] and len(latencies) == 200
+
+
+@pytest.mark.slow
+def test_more_decoders_than_adapter_slots_never_fail_a_queued_read(app):
+    """Five decoders over two replicas of two slots each: evictions happen while other reads of
+    the evicted decoder wait in the batch, and those reads are still answered."""
+    latencies, failures = asyncio.run(_load(app, 40, 10, decoders=tuple(SAME_DECODER)))
+    assert failures == [] and len(latencies) == 40
 
 
 @pytest.mark.slow

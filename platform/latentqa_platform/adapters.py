@@ -167,9 +167,6 @@ class SharedAdapters(AdapterSet):
             self.model.delete_adapter(name)
             self._adapters_changed()
 
-    def has(self, name: str) -> bool:
-        return name in self.model.peft_config
-
     @contextlib.contextmanager
     def routed(self, **roles: str) -> Iterator[None]:
         self.routes = roles

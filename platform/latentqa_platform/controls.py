@@ -19,22 +19,46 @@ from latentqa.session import LatentQA
 from latentqa.steering import complete, steer
 
 from .adapters import KIND_TAG
-from .settings import MlflowSettings
-from .tracking import RunRef, finish_run, log_metrics, open_run, register_adapter
+from .settings import MlflowSettings, tracking_uri
+from .tracking import RunRef, finish_run, log_metrics, open_run, register_adapter, slug
 
 JOB_KIND = "control-job"  # KIND_TAG of a control job's run
 NAME_TAG, ADAPTER_TAG, ERROR_TAG = "latentqa.control", "latentqa.adapter", "latentqa.error"
+OWNER_TAG = "latentqa.owner"  # who runs the job: a Serve app's Steering, or a `jobs/control.py` run
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 _STATUS = {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded", "FAILED": "failed", "KILLED": "failed"}
 
 
-def open_job(settings: MlflowSettings, output_dir: Path, name: str, params: dict[str, str]) -> RunRef:
+def open_job(settings: MlflowSettings, output_dir: Path, name: str, params: dict[str, str], owner: str) -> RunRef:
     """A new MLflow run for a control job (never a reopened one: the run name is unique)."""
-    run = open_run(
-        settings, output_dir, f"control-{name}-{uuid.uuid4().hex[:8]}", params, {KIND_TAG: JOB_KIND, NAME_TAG: name}
-    )
+    tags = {KIND_TAG: JOB_KIND, NAME_TAG: name, OWNER_TAG: slug(owner)}
+    run = open_run(settings, output_dir, f"control-{name}-{uuid.uuid4().hex[:8]}", params, tags)
     run.client().update_run(run.run_id, status="SCHEDULED")
     return run
+
+
+class JobLost(RuntimeError):
+    """What ran the job stopped before the job ended."""
+
+
+def fail_orphaned_jobs(settings: MlflowSettings, output_dir: Path, owner: str) -> list[str]:
+    """End FAILED the jobs `owner` left queued or running: it is starting again, so whatever ran
+    them is gone, and they would otherwise look queued or running forever. Returns their ids."""
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking_uri(settings, output_dir)
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name(settings.experiment)
+    if experiment is None:
+        return []
+    mine = f"tags.`{KIND_TAG}` = '{JOB_KIND}' and tags.`{OWNER_TAG}` = '{slug(owner)}'"
+    lost = []
+    for status in ("SCHEDULED", "RUNNING"):
+        for found in client.search_runs([experiment.experiment_id], f"{mine} and attributes.status = '{status}'"):
+            run = RunRef(uri, found.info.run_id, experiment.experiment_id)
+            fail_job(run, JobLost(f"{owner} stopped before the job ended; submit it again"))
+            lost.append(found.info.run_id)
+    return lost
 
 
 def read_control(lqa: LatentQA, instruction: str, questions: Sequence[str]) -> list[QAPair]:

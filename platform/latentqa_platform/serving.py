@@ -77,6 +77,19 @@ class ServeSettings(StrictModel):
     """How long a read waits for others to batch with, only where there are some (reads in flight,
     or a last batch of several); a lone client's read never waits."""
     max_turn_tokens: int = Field(512, ge=1)
+    """Tokens of any one text: a message, a question, a candidate, a control's QA pair or instruction."""
+    max_dialog_tokens: int = Field(4096, ge=16)
+    """Tokens of a dialog as the target reads it (its chat template rendered), and of a chat
+    prompt; never past the target's context, which also bounds the decoder's prompt plus its answer."""
+    max_generated_tokens: int = Field(16384, ge=1)
+    """Tokens one /v1/read may generate: dialogs × questions × max_new_tokens."""
+    max_scored_tokens: int = Field(32768, ge=1)
+    """Tokens one /v1/score runs the decoder over: its prompt and one candidate, for every candidate."""
+    max_queued_requests: int = Field(64, ge=1)
+    """Requests waiting for a gateway or a model replica (per caller, as Serve counts them); past
+    it the answer is 503 with Retry-After."""
+    request_timeout_s: float = Field(300.0, gt=0)
+    """A read, score or chat the model has not answered by then is cancelled: 503 with Retry-After."""
     auth: Literal["token", "none"] = "token"
     """token: every route but /healthz (the API docs too) needs `Authorization: Bearer <token>`,
     and the app refuses to start without a token; none: no auth (a loopback trial only)."""
@@ -150,10 +163,19 @@ class Overloaded(RequestError):
 
 
 class Unavailable(RequestError):
-    """Something the request needs is down for now (the model registry): 503, retry later."""
+    """Something the request needs is down or busy for now (the model registry, a replica, a full
+    queue, a timeout): 503, retry later."""
 
     status = 503
     retry_after_s = 5
+
+
+def check_tokens(count_tokens, texts: dict[str, str], limit: int) -> None:
+    """Each text at most `limit` tokens; `texts` maps the body field it came from to the text."""
+    for field, text in texts.items():
+        tokens = count_tokens(text)
+        if tokens > limit:
+            raise RequestError(field, f"{tokens} tokens; at most {limit}")
 
 
 # ---------------------------------------------------------------- requests and answers
