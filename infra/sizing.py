@@ -134,7 +134,8 @@ def hours(shape: Shape, gpu: str, gpus: int, examples: int, epochs: int) -> floa
 def table(models: dict[str, Shape], gpus: int, examples: int, epochs: int, batch: int) -> str:
     rows = [
         "| model | strategy | GPU memory, GiB (weights + LoRA + activations + logits) | with activation "
-        "checkpointing | host memory while loading, GiB per node (every rank loads the whole bf16 base) | "
+        "checkpointing | host memory while loading, GiB per node (every rank loads the whole bf16 base; "
+        "fsdp2: rank 0 alone) | "
         "tokens/s per GPU H200 / H100 | "
         f"hours (GPU-hours) for {examples} examples x {epochs} epochs on {gpus} H200 |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -144,7 +145,9 @@ def table(models: dict[str, Shape], gpus: int, examples: int, epochs: int, batch
             plain = memory_gib(shape, strategy, gpus, batch)
             light = memory_gib(shape, strategy, gpus, batch, checkpointing=True)
             parts = " + ".join(f"{plain[k]:.1f}" for k in ("weights", "lora", "activations", "logits"))
-            host = gpus * 2 * shape.params() / GIB  # every rank loads the whole bf16 base (issue: rank-0 loading)
+            # FSDP2 loads the base on rank 0 and sends the other ranks their shards on their GPU
+            # (Strategy.model_loading); DDP and ZeRO-3 here load it whole on every rank.
+            host = (1 if strategy == "fsdp2" else gpus) * 2 * shape.params() / GIB
             speed = f"{tokens_per_s(shape, 'H200'):,.0f} / {tokens_per_s(shape, 'H100'):,.0f}"
             run = hours(shape, "H200", gpus, examples, epochs)
             rows.append(

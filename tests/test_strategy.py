@@ -421,6 +421,84 @@ def test_zero3_loads_pretrained_weights_partitioned(tmp_path):
     assert result[True]["losses"][1] < result[True]["losses"][0]
 
 
+# ---------------------------------------------------------------- FSDP2 loading on rank 0
+
+
+FSDP_LOADINGS = [  # (weights, strategy, loaded under model_loading)
+    *(("pretrained", kind, on_rank0) for kind, on_rank0 in (("ddp", False), ("fsdp", False), ("fsdp", True))),
+    *(("random", "fsdp", on_rank0) for on_rank0 in (False, True)),
+]
+
+
+def _fsdp_loading_worker(rank: int, port: int, checkpoint: Path, out: Path) -> None:
+    """The engine's model, trained a few steps under FSDP2 loaded on rank 0 (`model_loading`) and,
+    as before, loaded whole on every rank under FSDP2 and DDP: from a pretrained checkpoint, and
+    with random weights (which rank 0 alone draws)."""
+    from latentqa.config import load_config
+    from latentqa.data import load_examples
+    from latentqa.session import LatentQA
+    from latentqa.training import adamw_factory
+
+    torch.set_num_threads(1)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD)
+    )
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        result = {}
+        for weights, kind, on_rank0 in FSDP_LOADINGS:
+            config = load_config(overrides={"model": {"path": str(checkpoint), "weights": weights}})
+            examples = load_examples(config.data.train)[4 * rank : 4 * rank + 4]  # each rank its own batch
+            strategy = Strategy.create(StrategyConfig(kind=kind))
+            torch.manual_seed(0)  # as jobs/train.py: one seed on every rank
+            with strategy.model_loading() if on_rank0 else contextlib.nullcontext():
+                lqa = LatentQA.load(config, train_decoder=True)
+            has_weights = not lqa.model.peft_model.get_input_embeddings().weight.is_meta
+            strategy.prepare(lqa.model, adamw_factory(config.train))
+            strategy.model.train()  # LoRA dropout on: the ranks' generators matter too
+            batch = lqa.collate(lqa.lay_out(examples, "train"))
+            losses = []
+            for _ in range(3):
+                loss = strategy.model(batch, config.patch.read_layer, True)
+                strategy.backward(loss)
+                strategy.optimizer_step()
+                losses.append(strategy.all_reduce_mean(loss.item()))
+            result[weights, kind, on_rank0] = {
+                "has_weights": has_weights,
+                "losses": losses,
+                "adapter": strategy.adapter_state_dict(),
+            }
+        torch.save(result, out / f"fsdp-loading-{rank}.pt")
+    finally:
+        gc.collect()
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_loads_on_rank0_and_trains_as_before(tmp_path):
+    """Under `model_loading`, FSDP2 loads the weights on rank 0 only (the other rank builds the
+    model without weights) and sends each rank its shards: the training losses and the trained
+    adapter equal those of the model loaded whole on every rank, under FSDP2 and DDP."""
+    from latentqa.config import load_config
+    from latentqa.models import load_base, load_tokenizer
+
+    model_config = load_config().model
+    checkpoint = tmp_path / "pretrained"
+    # Not the default seed: a rank that initialised the model instead of receiving it would differ.
+    load_base(model_config.model_copy(update={"init_seed": 7})).save_pretrained(checkpoint)
+    load_tokenizer(model_config).save_pretrained(checkpoint)
+    mp.spawn(_fsdp_loading_worker, args=(free_port(), checkpoint, tmp_path), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"fsdp-loading-{rank}.pt", weights_only=False) for rank in range(WORLD)]
+    for loading in FSDP_LOADINGS:
+        on_rank0 = loading[2]
+        assert [r[loading]["has_weights"] for r in ranks] == [True, not on_rank0], loading
+    for weights, before in [("pretrained", "ddp"), ("pretrained", "fsdp"), ("random", "fsdp")]:
+        new, old = ranks[0][weights, "fsdp", True], ranks[0][weights, before, False]
+        assert new["losses"][-1] < new["losses"][0]
+        assert new["losses"] == pytest.approx(old["losses"], abs=1e-5), (weights, before)
+        torch.testing.assert_close(new["adapter"], old["adapter"], atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- evaluation across ranks
 
 

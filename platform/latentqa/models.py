@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 DECODER = "decoder"
 CONTROL = "control"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_BASE_DEVICE: ContextVar[str | None] = ContextVar("latentqa_base_device", default=None)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -48,18 +50,34 @@ def load_model_config(cfg: ModelConfig):
     return AutoConfig.from_pretrained(hf_folder(cfg.path))
 
 
+@contextlib.contextmanager
+def base_placed_on(device: str) -> Iterator[None]:
+    """Inside, `load_base` leaves the base on `device` instead of `model.device`, for a strategy
+    that shards it before it reaches the accelerator (FSDP2's loading on rank 0): "cpu" loads the
+    weights there; "meta" builds the modules without weights, for the strategy to fill in."""
+    token = _BASE_DEVICE.set(device)
+    try:
+        yield
+    finally:
+        _BASE_DEVICE.reset(token)
+
+
 def load_base(cfg: ModelConfig) -> PreTrainedModel:
     """The base weights, or a model initialised from the config (tiny test models, benchmarks)."""
     kwargs = {"dtype": _DTYPES[cfg.dtype]}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
-    if cfg.weights == "random":
+    placed_on = _BASE_DEVICE.get()
+    if placed_on == "meta":  # no weights, no memory: the modules only
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(load_model_config(cfg), **kwargs)
+    elif cfg.weights == "random":
         torch.manual_seed(cfg.init_seed)  # every process builds the same base
         model = AutoModelForCausalLM.from_config(load_model_config(cfg), **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(hf_folder(cfg.path), **kwargs)
     model.requires_grad_(False)
-    return model.to(resolve_device(cfg.device)).eval()
+    return model.to(placed_on or resolve_device(cfg.device)).eval()
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

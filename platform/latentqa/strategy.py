@@ -3,7 +3,7 @@
 Modelled on OpenRLHF's strategy. The loop is written once::
 
     strategy = Strategy.create(cfg)
-    with strategy.model_loading():          # ZeRO-3: load the weights already partitioned
+    with strategy.model_loading():          # ZeRO-3: partitioned; FSDP2: the weights on rank 0 only
         peft_model = ...
     strategy.prepare(peft_model, lambda ps: torch.optim.AdamW(ps, lr=1e-4), None)
     for batch in batches:
@@ -22,6 +22,8 @@ Rules the loop must follow:
 
 * Call every method on every rank, in the same order. Under FSDP and ZeRO-3 forwards are
   collective too (they gather parameters): evaluate on every rank.
+* Under FSDP2 a model built inside ``model_loading`` has weights on rank 0 only (the other ranks
+  build it on the meta device): hand it to ``prepare`` before using it.
 * Only the parameters that require grad at ``prepare`` are trained, reduced and saved. Switch
   adapters off with ``strategy.disable_adapters()``, not PEFT's ``disable_adapter()`` (see there),
   and keep the trained adapter active (``set_adapter``) around training backwards and saves.
@@ -169,9 +171,10 @@ class Strategy:
     @contextlib.contextmanager
     def model_loading(self, pretrained: bool = True) -> Iterator[None]:
         """Load the base model inside: ZeRO-3 then loads pretrained weights already partitioned,
-        so no rank ever holds the whole model (a 70B does not fit one GPU). The others, and
-        randomly initialised models (tiny tests: their seeded init must match the other
-        strategies'), load it whole."""
+        so no rank ever holds the whole model (a 70B does not fit one GPU); FSDP2 loads it on
+        rank 0 only and sends the other ranks their shards in ``prepare``. Local and DDP, and
+        ZeRO-3 with randomly initialised models (tiny tests: their seeded init must match the
+        other strategies'), load it whole on every rank."""
         yield
 
     def prepare(
@@ -558,6 +561,69 @@ class FSDPStrategy(Strategy):
 
     kind = "fsdp"
 
+    def __init__(self, cfg: StrategyConfig) -> None:
+        super().__init__(cfg)
+        self._loaded_on_rank0 = False
+        """The model was built under ``model_loading``: weights on rank 0, meta modules elsewhere."""
+
+    @contextlib.contextmanager
+    def model_loading(self, pretrained: bool = True) -> Iterator[None]:
+        """Rank 0 loads the base on the CPU; the other ranks build it on the meta device (modules
+        without weights). ``prepare`` then shards it unit by unit (each decoder block, then the
+        root), sending each unit's weights from rank 0 just before: the other ranks hold their
+        shards and at most one unit whole, and rank 0 frees what it loaded as it goes (rank-0
+        loading, as in torchtune and accelerate). Random weights alike: rank 0 draws them from the
+        same seed as every rank of the other strategies."""
+        from .models import base_placed_on
+
+        with base_placed_on("cpu" if self.is_main else "meta"):
+            yield
+        # Every rank used to make the same random draws (same seed, same weights) and so reached
+        # the same generator state, which dropout starts from; the meta ranks drew nothing.
+        rng = torch.get_rng_state().to(self.device)
+        dist.broadcast(rng, src=0)
+        torch.set_rng_state(rng.cpu())
+        self._loaded_on_rank0 = True
+
+    def _broadcast_trainable(self, model: nn.Module) -> None:
+        if not self._loaded_on_rank0:  # else the adapter comes with the rest of rank 0's weights
+            super()._broadcast_trainable(model)
+
+    def _receive_from_rank0(self, unit: nn.Module) -> None:
+        """Put the tensors of ``unit`` that are not sharded yet on this rank's device, meta ones
+        in uninitialised memory, and give them rank 0's values. Buffers too: the non-persistent
+        ones (rotary ``inv_freq``) are in no state dict, and the meta ranks have none."""
+        from torch.distributed.fsdp import FSDPModule
+
+        def unsharded(module: nn.Module) -> Iterator[nn.Module]:
+            yield module
+            for child in module.children():
+                if not isinstance(child, FSDPModule):
+                    yield from unsharded(child)
+
+        slots = [
+            (tensors, name, tensor)
+            for module in unsharded(unit)
+            for tensors in (module._parameters, module._buffers)
+            for name, tensor in tensors.items()
+            if tensor is not None
+        ]
+        placed: dict[int, torch.Tensor] = {}  # by id: `slots` keeps the old tensors alive meanwhile
+        for _, _, tensor in slots:
+            if id(tensor) not in placed:  # tied embeddings: one tensor in two modules, kept one
+                placed[id(tensor)] = self._placed(tensor)
+        for tensors, name, tensor in slots:
+            tensors[name] = placed[id(tensor)]
+        for tensor in placed.values():
+            dist.broadcast(tensor.detach(), src=0)
+
+    def _placed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` on this rank's device; a meta one gets uninitialised memory."""
+        data = torch.empty_like(tensor, device=self.device) if tensor.is_meta else tensor.to(self.device)
+        if data is tensor or not isinstance(tensor, nn.Parameter):
+            return data
+        return nn.Parameter(data, requires_grad=tensor.requires_grad)
+
     def _wrap(self, model: nn.Module, forward_methods: Sequence[str]) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import (
@@ -580,9 +646,10 @@ class FSDPStrategy(Strategy):
         }
         if self.cfg.mixed_precision == "bf16":
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for block in decoder_blocks(model):
-            fully_shard(block, **kwargs)
-        fully_shard(model, **kwargs)
+        for unit in [*decoder_blocks(model), model]:  # the root last: it holds what the blocks do not
+            if self._loaded_on_rank0:
+                self._receive_from_rank0(unit)
+            fully_shard(unit, **kwargs)
         for name in forward_methods:
             register_fsdp_forward_method(model, name)
         return model
