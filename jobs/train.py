@@ -42,7 +42,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     torch.manual_seed(train.seed)
     strategy = Strategy.create(plan.strategy)
     with strategy.model_loading(pretrained=config.model.weights == "pretrained"):
-        lqa = LatentQA.load(config, train_decoder=True)  # one base copy per worker (ZeRO-3: partitioned)
+        lqa = LatentQA.load(config, train_decoder=True)  # ZeRO-3: partitioned; FSDP2: on rank 0 only
     strategy.prepare(lqa.model, adamw_factory(train), lambda opt: cosine_with_warmup(opt, train.warmup_steps, total))
     progress, resumed_from = raytrain.resume(strategy, plan)
     say, run = console.for_rank(strategy.is_main, loop_config["console"]), plan.mlflow if strategy.is_main else None

@@ -1,6 +1,7 @@
 """infra/ agrees with the code and the pins: job configs validate with the paper's settings, DeepSpeed
 JSONs leave the strategy's fields alone, KubeRay manifests run existing configs on as many workers
-as GPUs, the image installs the pinned torch. Fast: no Ray, no GPU."""
+as GPUs, placed, checkpointed and restarted as tests/test_two_nodes.py's job is, the image installs
+the pinned torch. Fast: no Ray, no GPU."""
 
 from __future__ import annotations
 
@@ -9,14 +10,17 @@ import random
 import re
 import shlex
 import tomllib
+from pathlib import Path, PurePosixPath
 
 import pytest
 import yaml
 
+from latentqa.config import LatentQAConfig
 from latentqa.paths import PROJECT_ROOT
 from latentqa.strategy import DeepSpeedStrategy, StrategyConfig
 from latentqa.training import strategy_config
-from latentqa_platform.settings import load_job_config
+from latentqa_platform.settings import JobSettings, load_job_config
+from test_two_nodes import TWO_NODE_SETTINGS
 
 INFRA = PROJECT_ROOT / "infra"
 CONFIGS = sorted((INFRA / "configs").glob("llama3-*.yaml"))  # the GPU-cluster configs (CPU ones: test_real_models)
@@ -114,12 +118,48 @@ def cluster_spec(manifest: dict) -> dict:
     return manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
 
 
-def total_gpus(cluster: dict) -> int:
-    return sum(
-        group["replicas"] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
-        for group in cluster["workerGroupSpecs"]
-        for container in group["template"]["spec"]["containers"]
-    )
+def gpus_per_node(cluster: dict) -> list[int]:
+    """The GPUs of each node of the worker groups (the head has none)."""
+    nodes = []
+    for group in cluster["workerGroupSpecs"]:
+        gpus = sum(
+            int(c["resources"]["limits"].get("nvidia.com/gpu", 0)) for c in group["template"]["spec"]["containers"]
+        )
+        nodes += [gpus] * group["replicas"]
+    return nodes
+
+
+def shared_mounts(cluster: dict) -> set[PurePosixPath]:
+    """Where every pod, head and workers, mounts a persistent volume claim read-write."""
+    per_pod = []
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        claims = {volume["name"] for volume in pod.get("volumes", []) if "persistentVolumeClaim" in volume}
+        per_pod.append(
+            {
+                PurePosixPath(mount["mountPath"])
+                for container in pod["containers"]
+                for mount in container.get("volumeMounts", [])
+                if mount["name"] in claims and not mount.get("readOnly")
+            }
+        )
+    return set.intersection(*per_pod)
+
+
+def entrypoint(manifest: dict) -> tuple[Path, list[str]]:
+    """A RayJob's `python jobs/train.py --config FILE FLAGS...`: the config file and the other flags."""
+    command = shlex.split(manifest["spec"]["entrypoint"])
+    assert command[:2] == ["python", "jobs/train.py"]
+    args = command[2:]
+    at = args.index("--config")
+    return PROJECT_ROOT / args[at + 1], args[:at] + args[at + 2 :]
+
+
+def jobs_run_by(manifest: dict) -> list[tuple[LatentQAConfig, JobSettings]]:
+    """A RayJob's entrypoint; on the standing RayCluster, every GPU config."""
+    if manifest["kind"] == "RayCluster":
+        return [load_job_config(p) for p in CONFIGS]
+    return [load_job_config(*entrypoint(manifest))]
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=name)
@@ -130,22 +170,35 @@ def test_kuberay_manifest_runs_a_config_with_one_worker_per_gpu(path):
     assert cluster["rayVersion"] == pin("ray")  # KubeRay must match the Ray in the image
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     assert len({c["image"] for g in groups for c in g["template"]["spec"]["containers"]}) == 1
-    gpus = total_gpus(cluster)
-    if manifest["kind"] == "RayCluster":  # the standing cluster: every config fills it
-        assert {load_job_config(p)[1].ray.num_workers for p in CONFIGS} == {gpus}
-        return
-    command = shlex.split(manifest["spec"]["entrypoint"])
-    assert command[:2] == ["python", "jobs/train.py"]
-    args = command[2:]
-    at = args.index("--config")
-    config_path = PROJECT_ROOT / args[at + 1]
-    assert config_path.is_file()
-    base, base_settings = load_job_config(config_path)
-    config, settings = load_job_config(config_path, args[:at] + args[at + 2 :])
-    assert settings.ray.num_workers == gpus
-    # More workers, same global batch as the config's own node.
-    global_batch = base.train.batch_size * base_settings.ray.num_workers * base.train.grad_accum
-    assert config.train.batch_size * gpus * config.train.grad_accum == global_batch
+    gpus = sum(gpus_per_node(cluster))
+    assert {settings.ray.num_workers for _, settings in jobs_run_by(manifest)} == {gpus}
+    if manifest["kind"] == "RayJob":  # more workers, same global batch as the config's own node
+        config_path, flags = entrypoint(manifest)
+        assert config_path.is_file()
+        (base, base_settings), (config, _) = load_job_config(config_path), load_job_config(config_path, flags)
+        global_batch = base.train.batch_size * base_settings.ray.num_workers * base.train.grad_accum
+        assert config.train.batch_size * gpus * config.train.grad_accum == global_batch
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=name)
+def test_kuberay_jobs_run_as_on_the_two_node_test_cluster(path):
+    """tests/test_two_nodes.py runs a job on two Ray nodes with TWO_NODE_SETTINGS: its workers
+    spread over the nodes, its checkpoints in a folder both nodes see, and a killed worker's group
+    restarted from the latest one. Every job a manifest runs is set up the same way: a GPU per
+    worker (as many workers as GPUs, checked above, so each node gets one per GPU), spread like the
+    two-node test's over several nodes (on one, PACK or SPREAD: nothing STRICT_), checkpoints on a
+    volume every pod mounts read-write, restarts allowed and checkpoints to restart from."""
+    (manifest,) = yaml.safe_load_all(path.read_text())
+    cluster = cluster_spec(manifest)
+    nodes, mounts = gpus_per_node(cluster), shared_mounts(cluster)
+    for config, settings in jobs_run_by(manifest):
+        ray = settings.ray
+        assert ray.use_gpu
+        placements = {TWO_NODE_SETTINGS["placement_strategy"]} if len(nodes) > 1 else {"PACK", "SPREAD"}
+        assert ray.placement_strategy in placements
+        storage = PurePosixPath(ray.storage_path or config.train.output_dir)
+        assert any(storage.is_relative_to(mount) for mount in mounts), f"{storage}: not on {sorted(mounts)}"
+        assert ray.max_failures != 0 and ray.checkpoint_every > 0  # -1: unlimited restarts
 
 
 # ---------------------------------------------------------------- image and docs

@@ -8,14 +8,20 @@ within a few minutes on 2 cores; their results are cached and compared across st
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import Cluster, import_job, job_env, tail
 from latentqa.config import ConfigError, load_config
@@ -206,6 +212,118 @@ def test_resume_continues_at_the_right_step(ddp_run):
     assert f"checkpoint_{CHECKPOINT_AT:06d} at step {CHECKPOINT_AT} " in resumed.stdout, tail(resumed)
     assert [step for step, _ in _losses(run_dir)] == list(range(1, STEPS + 1))
     assert (run_dir / f"checkpoint_{STEPS:06d}_final" / "progress.json").exists()
+
+
+# Every piece of state a resume restores is in play: sampled read layers, gradient accumulation,
+# the moving average, evaluations, and epochs of 4.5 steps (72 examples, 2 workers, 2 x batch 4).
+EXACT_RESUME = [
+    *TINY,
+    "--train.max_steps",
+    "32",
+    "--train.epochs",
+    "8",
+    "--data.train.train_percent",
+    "0.1",
+    "--train.grad_accum",
+    "2",
+    "--train.ema_decay",
+    "0.5",
+    "--patch.min_layer",
+    "0",
+    "--patch.max_layer",
+    "3",
+    "--ray.checkpoint_every",
+    "2",
+    "--mlflow.enabled",
+    "false",
+]
+
+
+def _start_job(cluster: Cluster, out: Path, run_name: str, log: Path) -> subprocess.Popen:
+    """jobs/train.py in a process group of its own, its output unbuffered into `log` (a kill loses none)."""
+    with log.open("w") as sink:
+        return subprocess.Popen(
+            [sys.executable, str(JOB), "--train.output_dir", str(out), *EXACT_RESUME, "--train.run_name", run_name],
+            cwd=PROJECT_ROOT,
+            # The controller takes a report every 0.2 s, not 2 s: workers reporting every other step
+            # would otherwise wait for it most of the time.
+            env={**job_env(cluster), "PYTHONUNBUFFERED": "1", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL the job's driver and all it started on this machine, as a preempted machine or an
+    out-of-memory kill would; the cluster then stops its workers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _kill_after_checkpoints(proc: subprocess.Popen, log: Path, run_dir: Path, started: float, delay: float) -> str:
+    """Kill the job `delay` seconds after it uploaded its third checkpoint; says where. Ray Train
+    keeps one report in flight, so by its third upload the controller has registered its first:
+    the rerun resumes at a later step than this job did."""
+    uploaded: set[str] = set()
+    deadline = time.monotonic() + 300
+    while len(uploaded) < 3:
+        assert proc.poll() is None, f"ended before its third checkpoint:\n{log.read_text()[-6000:]}"
+        assert time.monotonic() < deadline, f"no third checkpoint:\n{log.read_text()[-6000:]}"
+        for progress in run_dir.glob("checkpoint_??????/progress.json"):
+            with contextlib.suppress(FileNotFoundError):  # Ray removes all but the latest two
+                if progress.stat().st_mtime >= started:
+                    uploaded.add(progress.parent.name)
+        time.sleep(0.05)
+    time.sleep(delay)
+    newest = max(p.name for p in run_dir.glob("checkpoint_??????"))
+    assert proc.poll() is None, f"ended before the kill:\n{log.read_text()[-6000:]}"
+    _kill(proc)
+    return f"{delay:.2f}s after its {max(uploaded)} (newest folder: {newest})"
+
+
+@pytest.mark.slow
+def test_a_job_killed_three_times_and_resumed_ends_as_an_uninterrupted_one(ray_cluster, tmp_path):
+    """Killed at three seeded random moments (mid-step, mid-evaluation, mid-checkpoint or while a
+    report waits; the steps after the last registered checkpoint are done again) and rerun each
+    time, a run ends with an uninterrupted one's adapter, bit for bit, after the same steps with the
+    same losses and evaluations."""
+    import safetensors.torch
+
+    rng, landed, logs = (
+        random.Random(13),
+        [],
+        [tmp_path / f"{run}.log" for run in ("killed-0", "killed-1", "killed-2", "last")],
+    )
+    whole = _start_job(ray_cluster, tmp_path, "whole", tmp_path / "whole.log")  # beside the killed ones: room for both
+    jobs = [whole]
+    try:
+        for log in logs[:-1]:
+            started = time.time()
+            jobs.append(_start_job(ray_cluster, tmp_path, "killed", log))
+            landed.append(_kill_after_checkpoints(jobs[-1], log, tmp_path / "killed", started, rng.uniform(0, 0.5)))
+        jobs.append(_start_job(ray_cluster, tmp_path, "killed", logs[-1]))
+        for proc, log in [(whole, tmp_path / "whole.log"), (jobs[-1], logs[-1])]:
+            assert proc.wait(timeout=400) == 0, log.read_text()[-6000:]
+    finally:
+        for proc in jobs:
+            _kill(proc)
+    resumed_at = [int(step) for log in logs for step in re.findall(r"resumed from \S+ at step (\d+)", log.read_text())]
+    print(f"killed {'; '.join(landed)}; the reruns resumed at steps {resumed_at}")
+    assert len(resumed_at) == 3 and resumed_at == sorted(set(resumed_at)), (landed, resumed_at)
+
+    histories = [json.loads((tmp_path / run / "metrics.json").read_text())["history"] for run in ("whole", "killed")]
+    untimed = [[{k: v for k, v in h.items() if not k.endswith("_per_s")} for h in history] for history in histories]
+    assert [h["step"] for h in untimed[1]] == list(range(33))  # step 0: the first evaluation
+    assert untimed[1] == untimed[0]  # every step's loss, learning rate and evaluation, exactly
+    adapters = [
+        safetensors.torch.load_file(tmp_path / run / "decoder" / "adapter_model.safetensors")
+        for run in ("whole", "killed")
+    ]
+    assert adapters[1].keys() == adapters[0].keys()
+    differing = [k for k in adapters[0] if not torch.equal(adapters[1][k], adapters[0][k])]
+    assert not differing, differing
 
 
 @pytest.mark.slow

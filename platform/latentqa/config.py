@@ -8,6 +8,7 @@ validated before anything is loaded.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -15,20 +16,22 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DatasetSpec
-from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT, RUNS_DIR
+from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT, RUNS_DIR, usable_path
 
 
 class StrictModel(BaseModel):
     """Every config section and request body: unknown fields are errors, assignments are checked.
     Each field's docstring is its description (`--help` lists them, `describe_fields`)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True, allow_inf_nan=False
+    )
 
 
 def _absolute_if_local(value: str | None) -> str | None:
     """A relative path that exists from the current folder, made absolute (so Ray workers, which
     run elsewhere, find it); hub ids and absolute paths pass through."""
-    if value is None or Path(value).is_absolute() or not Path(value).exists():
+    if value is None or Path(value).is_absolute() or not os.path.exists(value):  # False for a NUL, a long name
         return value
     return str(Path(value).resolve())
 
@@ -62,11 +65,11 @@ class ModelConfig(StrictModel):
 class LoraSettings(StrictModel):
     """The decoder's LoRA."""
 
-    r: int = 16
+    r: int = Field(16, ge=1)
     """LoRA rank."""
     alpha: int = 32
     """LoRA scaling numerator (scale = alpha / r)."""
-    dropout: float = 0.05
+    dropout: float = Field(0.05, ge=0, lt=1)
     """Dropout on the LoRA input."""
     target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
     """Module names that get a LoRA."""
@@ -75,13 +78,13 @@ class LoraSettings(StrictModel):
 class PatchConfig(StrictModel):
     """Where activations are read and written (SPEC "Patching")."""
 
-    read_layer: int = 1
+    read_layer: int = Field(1, ge=0)
     """L: the block whose output is read (Llama-3-8B: 15; the tiny offline model: 1)."""
     min_layer: int | None = None
     """With max_layer: training samples L from [min_layer, max_layer)."""
     max_layer: int | None = None
     """See min_layer."""
-    write_layer: int = 0
+    write_layer: int = Field(0, ge=0)
     """W: the decoder block whose output is patched at the placeholders."""
     mode: Literal["replace", "add"] = "replace"
     """Replace the placeholders' hidden states, or add the activations to them."""
@@ -113,27 +116,27 @@ class DataConfig(StrictModel):
 class TrainConfig(StrictModel):
     """The decoder's training loop: AdamW with a cosine schedule stepped per optimizer step."""
 
-    lr: float = 2e-3
+    lr: float = Field(2e-3, gt=0)
     """Peak learning rate."""
-    weight_decay: float = 0.01
+    weight_decay: float = Field(0.01, ge=0)
     """AdamW weight decay."""
-    epochs: int = 6
+    epochs: int = Field(6, ge=1)
     """Passes over the training set."""
-    max_steps: int | None = None
+    max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; stops early when set."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Examples per device per micro-batch."""
-    grad_accum: int = 1
+    grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
-    warmup_steps: int = 10
+    warmup_steps: int = Field(10, ge=0)
     """Linear warmup, in optimizer steps."""
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = Field(1.0, gt=0)
     """Clip the gradient norm to this; null: no clipping."""
     ema_decay: float | None = Field(None, gt=0, lt=1)
     """Evaluate and save a moving average of the weights with this decay; null: none."""
-    eval_every: int = 100
+    eval_every: int = Field(100, ge=0)
     """Optimizer steps between held-out evaluations; 0 disables."""
-    eval_batches: int | None = None
+    eval_batches: int | None = Field(None, ge=1)
     """Cap on eval batches; null: the whole held-out set."""
     seed: int = 0
     """Seed of data order and initialisation."""
@@ -142,23 +145,34 @@ class TrainConfig(StrictModel):
     output_dir: Path = RUNS_DIR
     """Where runs are written."""
 
+    @field_validator("run_name")
+    @classmethod
+    def _one_folder(cls, name: str) -> str:
+        # A run writes only into its own folder under output_dir, never output_dir itself nor beside it.
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise ValueError("a run name is one folder name: not '', '.' or '..', no '/' or '\\'")
+        usable_path(Path(f"{name}-YYYYmmdd-HHMMSS"))  # an unnamed run's folder takes a timestamp more
+        return name
+
+    _usable_output_dir = field_validator("output_dir")(usable_path)
+
 
 class SteerConfig(StrictModel):
     """Control (steering): a LoRA on the target's first blocks, trained through the frozen decoder."""
 
-    layers: int = 2
+    layers: int = Field(2, ge=1)
     """Adapter on target blocks 0 .. layers-1, read at block layers-1 (SPEC, 8B: 16, read at L=15)."""
-    r: int = 16
+    r: int = Field(16, ge=1)
     """Control LoRA rank."""
     alpha: int = 32
     """Control LoRA scaling numerator."""
-    dropout: float = 0.1
+    dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout on the control LoRA input."""
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     """Adam learning rate."""
-    steps: int = 40
+    steps: int = Field(40, ge=1)
     """Optimizer steps."""
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1)
     """Prompts per step."""
     per_layer: bool = False
     """Decode from every controlled block, each loss reaching only its own block."""
@@ -189,6 +203,8 @@ class ConfigError(ValueError):
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
+    if not all((*parents, leaf)):
+        raise ConfigError(f"--{dotted}: expected --section.field VALUE")
     for key in parents:
         tree = tree.setdefault(key, {})
         if not isinstance(tree, dict):
@@ -215,8 +231,25 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raise ConfigError(f"{arg} needs a value")
             key, raw = arg[2:], args[i + 1]
             i += 2
-        _set_dotted(tree, key, yaml.safe_load(raw))
+        _set_dotted(tree, key, _override_value(raw))
     return tree
+
+
+def _override_value(raw: str) -> Any:
+    """A value as YAML reads it (numbers, booleans, lists); one YAML cannot read is the string itself,
+    which the field's own check then takes or names."""
+    try:
+        return yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: an integer of 4,300+ digits
+        return raw
+
+
+def _problem(err: Exception) -> str:
+    """An error on one line; a YAML error as its line, column and problem (PyYAML's spans several)."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is not None and problem is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(err).split())
 
 
 def merge_trees(base: dict, extra: dict) -> dict:
@@ -230,18 +263,36 @@ def merge_trees(base: dict, extra: dict) -> dict:
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML config file as a tree of sections."""
     try:
-        tree = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
+        tree = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:  # ValueError: not UTF-8, a huge integer
+        raise ConfigError(f"{path}: cannot read config: {_problem(err)}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: a config file is a mapping of sections")
     return tree
 
 
-def validation_message(source: str, err: ValidationError) -> str:
-    """`source: section.field: problem; ...` for a pydantic error."""
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+def validation_message(source: str, err: ValidationError, section: str = "") -> str:
+    """`source: section.field: problem; ...` for a pydantic error; `section`: where the model sits."""
+
+    def dotted(loc: tuple) -> str:
+        # a key that is empty or holds a newline is quoted: the message stays one readable line
+        parts = [str(part) if str(part).isprintable() and str(part) else repr(part) for part in loc]
+        return ".".join([section, *parts] if section else parts)
+
+    problems = "; ".join(f"{dotted(e['loc'])}: {e['msg']}" for e in err.errors())
     return f"{source}: {problems}"
+
+
+def _over_default_sets(tree: dict) -> dict:
+    """A data set given in part (`--data.train.filter sqa`) is read over its default (which has the path)."""
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return tree
+    defaults = DataConfig().model_dump()
+    given = {
+        name: spec for name, spec in data.items() if isinstance(spec, dict) and isinstance(defaults.get(name), dict)
+    }
+    return merge_trees(tree, {"data": {name: merge_trees(defaults[name], spec) for name, spec in given.items()}})
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> LatentQAConfig:
@@ -250,7 +301,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if overrides:
         tree = merge_trees(tree, overrides if isinstance(overrides, dict) else parse_overrides(overrides))
     try:
-        return LatentQAConfig.model_validate(tree)
+        return LatentQAConfig.model_validate(_over_default_sets(tree))
     except ValidationError as err:
         raise ConfigError(validation_message(str(path or "config"), err)) from None
 

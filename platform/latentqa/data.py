@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, RootModel, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, RootModel, ValidationError, field_validator
+
+from .paths import usable_path
 
 SET_FILES = ("system.json", "stimulus_completion.json", "stimulus.json", "control.json")
 QA_FILE = "qa.json"
@@ -26,33 +29,59 @@ class DataError(ValueError):
     """Bad LatentQA data; the message names the file, record index and field."""
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = 60  # an error names a label or a field; it does not echo a 100 kB one
+
+
+def _text(value: str) -> str:
+    """JSON can escape half a surrogate pair (\\ud800); no tokenizer takes it, nor a UTF-8 writer."""
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"{err.object[err.start]!r} is half a surrogate pair, not text") from None
+    return value
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must be a non-empty string")
+    return value
+
+
+Text = Annotated[str, AfterValidator(_text)]
+NonBlankText = Annotated[Text, AfterValidator(_not_blank)]
+
+
 class Record(BaseModel):
     """One stimulus/control record; absent fields are empty strings."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    system: str = ""
-    control_user: str = ""
-    control_thought: str = ""
-    control_model: str = ""
-    stimulus_user: str = ""
-    stimulus_thought: str = ""
-    stimulus_model: str = ""
-    label: str
-
-    @field_validator("label")
-    @classmethod
-    def _label_not_empty(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("label must be a non-empty string")
-        return value
+    system: Text = ""
+    control_user: Text = ""
+    control_thought: Text = ""
+    control_model: Text = ""
+    stimulus_user: Text = ""
+    stimulus_thought: Text = ""
+    stimulus_model: Text = ""
+    label: NonBlankText
 
 
-QAPair = tuple[str, str]
+QAPair = tuple[NonBlankText, NonBlankText]  # question, answer
 
 
-class QAMap(RootModel[dict[str, list[QAPair]]]):
+class QAMap(RootModel[dict[Text, list[QAPair]]]):
     """`qa.json`: label -> list of [question, answer] pairs."""
+
+
+class QARow(BaseModel):
+    """A row of `qa.jsonl`: a label and its [question, answer] pairs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    label: Text
+    qa: list[QAPair]
 
 
 @dataclass(frozen=True)
@@ -98,31 +127,49 @@ def _check_case(record: Record) -> str | None:
     return None
 
 
-def parse_json_or_jsonl(text: str, source: str) -> object:
-    """A `.jsonl` source is one JSON value per line; anything else is one JSON document."""
+def _json(text: str, where: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as err:  # JSONDecodeError, an integer of 4,300+ digits, deep nesting
+        raise DataError(f"{where} not valid JSON: {err}") from None
+
+
+def parse_json_or_jsonl(data: bytes, source: str) -> object:
+    """A `.jsonl` source is one JSON value per line; anything else is one JSON document (UTF-8, a BOM allowed)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{source}: line {line} is not valid UTF-8 (byte {err.start})") from None
     if not source.endswith(".jsonl"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{source}: not valid JSON: {err}") from None
-    rows = []
-    for line_no, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{source}: line {line_no} is not valid JSON: {err}") from None
-    return rows
+        return _json(text, f"{source}:")
+    # "\n" only: str.splitlines also splits at U+2028 and others, which JSON strings may hold
+    lines = enumerate(text.split("\n"), 1)
+    return [_json(line, f"{source}: line {line_no} is") for line_no, line in lines if line.strip()]
 
 
 def _load_json_or_jsonl(path: Path) -> object:
-    return parse_json_or_jsonl(path.read_text(encoding="utf-8"), str(path))
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read: {err.strerror}") from None
+    return parse_json_or_jsonl(data, str(path))
 
 
 def _field_of(err: ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(part) for part in first["loc"]) or "record"
-    return f"field {where!r}: {first['msg']}"
+    return f"field {_SHORT.repr(where)}: {first['msg']}"
+
+
+def _validated(model: type[BaseModel], row: object, source: str, index: int) -> BaseModel:
+    """One row of a file as `model`; errors name the file, the row's index and the field."""
+    if not isinstance(row, dict):
+        raise DataError(f"{source}: record {index}: expected an object, got {type(row).__name__}")
+    try:
+        return model.model_validate(row)
+    except ValidationError as err:
+        raise DataError(f"{source}: record {index}: {_field_of(err)}") from None
 
 
 def parse_records(rows: object, source: str) -> list[Record]:
@@ -131,12 +178,7 @@ def parse_records(rows: object, source: str) -> list[Record]:
         raise DataError(f"{source}: expected a JSON array (or JSONL) of records, got {type(rows).__name__}")
     records = []
     for index, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise DataError(f"{source}: record {index}: expected an object, got {type(row).__name__}")
-        try:
-            record = Record.model_validate(row)
-        except ValidationError as err:
-            raise DataError(f"{source}: record {index}: {_field_of(err)}") from None
+        record = _validated(Record, row, source, index)
         missing = _check_case(record)
         if missing:
             raise DataError(
@@ -155,17 +197,17 @@ def load_records(path: str | Path) -> list[Record]:
 def parse_qa(raw: object, source: str) -> dict[str, list[QAPair]]:
     """Validate a QA map; JSONL rows of {"label": ..., "qa": [[q, a], ...]} are accepted too."""
     if isinstance(raw, list):
-        raw = {row.get("label"): row.get("qa") for row in raw if isinstance(row, dict)}
+        rows, raw = [_validated(QARow, row, source, index) for index, row in enumerate(raw)], {}
+        for index, row in enumerate(rows):
+            if row.label in raw:
+                raise DataError(f"{source}: record {index}: field 'label': {_SHORT.repr(row.label)} is repeated")
+            raw[row.label] = row.qa
     if not isinstance(raw, dict):
         raise DataError(f"{source}: expected an object mapping each label to [question, answer] pairs")
     try:
         qa = QAMap.model_validate(raw).root
-    except ValidationError as err:
+    except ValidationError as err:  # the field is label.pair.part
         raise DataError(f"{source}: {_field_of(err)}") from None
-    for label, pairs in qa.items():
-        for index, (question, answer) in enumerate(pairs):
-            if not question.strip() or not answer.strip():
-                raise DataError(f"{source}: label {label!r} pair {index}: question and answer must be non-empty")
     return qa
 
 
@@ -193,7 +235,8 @@ def expand(
         if record.label.split("-")[0] in exclude_prefixes:
             continue
         if record.label not in qa:
-            raise DataError(f"{source}: record {index}: field 'label': {record.label!r} has no entry in {QA_FILE}")
+            label = _SHORT.repr(record.label)
+            raise DataError(f"{source}: record {index}: field 'label': {label} has no entry in {QA_FILE}")
         examples.extend(Example(record, q, a, source) for q, a in qa[record.label])
     return examples
 
@@ -209,7 +252,7 @@ class DatasetSpec(BaseModel):
     """The record files to read from it (qa.json is always read)."""
     filter: tuple[str, ...] = ()
     """Label kinds to leave out (the part of a label before its first '-', e.g. sqa)."""
-    train_percent: float = 1.0
+    train_percent: float = Field(1.0, gt=0, le=1)
     """A seeded fraction of the examples to keep."""
     seed: int = 0
     """Seed of that fraction."""
@@ -217,7 +260,7 @@ class DatasetSpec(BaseModel):
     @field_validator("path")
     @classmethod
     def _absolute(cls, path: Path) -> Path:
-        return path if ":/" in str(path) else path.resolve()
+        return path if ":/" in str(path) else usable_path(path).resolve()
 
 
 def load_examples(spec: DatasetSpec) -> list[Example]:

@@ -1,5 +1,6 @@
 """Where the offline default lives in the project tree (the library is installed editable)."""
 
+import os
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -12,6 +13,17 @@ PAPER_DATA = PROJECT_ROOT / "datasets" / "latentqa"  # the paper's evaluation se
 FETCHED_TOKENIZERS = PROJECT_ROOT / "infra" / "tokenizers" / "cache"
 CONTROLS_DIR = PROJECT_ROOT / "controls"
 RUNS_DIR = PROJECT_ROOT / "runs"
+
+
+NAME_MAX = 255  # bytes in one file or folder name (Linux, macOS)
+
+
+def usable_path(path: Path) -> Path:
+    """`path`, if the OS can take it: no NUL and no name over NAME_MAX bytes (either fails every use,
+    even `exists()`)."""
+    if "\0" in str(path) or any(len(os.fsencode(part)) > NAME_MAX for part in path.parts):
+        raise ValueError(f"not a usable path: a NUL, or a name of over {NAME_MAX} bytes")
+    return path
 
 
 def latest_decoder(runs: Path = RUNS_DIR) -> Path:

@@ -13,9 +13,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import ValidationError
 from torch.optim.lr_scheduler import LambdaLR
 
-from .config import STRATEGY_FROM_TRAIN, ConfigError, LatentQAConfig, PatchConfig, TrainConfig
+from .config import STRATEGY_FROM_TRAIN, ConfigError, LatentQAConfig, PatchConfig, TrainConfig, validation_message
 from .layout import IGNORE_INDEX, Batch, LaidOutExample
 from .strategy import Strategy, StrategyConfig
 
@@ -30,15 +31,16 @@ def strategy_config(config: LatentQAConfig, default_kind: str) -> StrategyConfig
         fields[key] = getattr(config.train, train_key)
     try:
         return StrategyConfig.model_validate(fields)
-    except Exception as err:  # pydantic ValidationError: name the section
-        raise ConfigError(f"strategy: {err}") from None
+    except ValidationError as err:
+        raise ConfigError(validation_message("config", err, "strategy")) from None
 
 
-def sample_read_layer(patch: PatchConfig, rng: random.Random) -> int:
-    """The read layer for a step: fixed, or drawn from [min_layer, max_layer)."""
+def sample_read_layer(patch: PatchConfig, seed: str) -> int:
+    """The read layer for a micro-batch: fixed, or drawn from [min_layer, max_layer) by a seed that
+    names the micro-batch, so that a resumed run draws what an uninterrupted one did."""
     if patch.min_layer is None:
         return patch.read_layer
-    return rng.randrange(patch.min_layer, patch.max_layer)
+    return random.Random(seed).randrange(patch.min_layer, patch.max_layer)
 
 
 def train_step(strategy: Strategy, batch: Batch, read_layer: int, shift: bool = True) -> float:
@@ -134,7 +136,6 @@ def fit(
     `skip` is how many micro-batches of that epoch were already done (resume). `on_step` is
     called after every optimizer step with the step's metrics; it logs and checkpoints.
     """
-    rng = random.Random(train.seed + progress.step)
     total_steps = plan.total_steps
     losses: list[float] = []
     labels = tokens = 0
@@ -142,7 +143,8 @@ def fit(
     while progress.epoch < train.epochs and progress.step < total_steps:
         for batch in epoch_batches(progress.epoch, progress.batches_done):
             strategy.model.train()
-            losses.append(train_step(strategy, batch, sample_read_layer(patch, rng), patch.shift_position_ids_train))
+            read_layer = sample_read_layer(patch, f"{train.seed}/{progress.epoch}/{progress.batches_done}")
+            losses.append(train_step(strategy, batch, read_layer, patch.shift_position_ids_train))
             labels += label_tokens(batch)
             tokens += batch_tokens(batch)
             progress.batches_done += 1

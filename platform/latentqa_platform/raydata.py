@@ -53,7 +53,7 @@ def _file_path(row: dict) -> str:
 def _examples_of_file(row: dict, qa: dict, exclude: tuple[str, ...]) -> list[dict]:
     """flat_map: one file's bytes -> its validated examples (record x QA pair), one row each."""
     path = _file_path(row)
-    records = parse_records(parse_json_or_jsonl(row["bytes"].decode("utf-8"), path), path)
+    records = parse_records(parse_json_or_jsonl(row["bytes"], path), path)
     return [
         {"record": e.record.model_dump_json(), "question": e.question, "answer": e.answer, "source": e.source}
         for e in expand(records, qa, path, exclude)
@@ -92,7 +92,7 @@ def read_set(spec: DatasetSpec, name: str) -> DataSet:
     files = ray.data.read_binary_files([str(p) for p in [qa_path, *record_paths]], include_paths=True).materialize()
     hashes = {_file_path(r): hashlib.sha256(r["bytes"]).hexdigest() for r in files.iter_rows()}
     qa_row = next(r for r in files.iter_rows() if _file_path(r) == str(qa_path))
-    qa = parse_qa(parse_json_or_jsonl(qa_row["bytes"].decode("utf-8"), str(qa_path)), str(qa_path))
+    qa = parse_qa(parse_json_or_jsonl(qa_row["bytes"], str(qa_path)), str(qa_path))
 
     examples = files.filter(lambda r: _file_path(r) != str(qa_path)).flat_map(
         _examples_of_file, fn_kwargs={"qa": qa, "exclude": tuple(spec.filter)}

@@ -84,6 +84,7 @@ def trainer(
             num_workers=ray_settings.num_workers,
             use_gpu=ray_settings.use_gpu,
             resources_per_worker={"CPU": ray_settings.cpus_per_worker, **gpu},
+            placement_strategy=ray_settings.placement_strategy,
         ),
         run_config=RunConfig(
             name=plan.config.train.run_name,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, ValidationError
 
@@ -38,6 +39,11 @@ class RaySettings(StrictModel):
     and the run hangs (PLATFORM-NOTES)."""
     use_gpu: bool = False
     """One GPU per worker."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How Ray places the workers on nodes: PACK (on as few as possible: a node's ranks share its
+    fast links), SPREAD (on as many as possible: 2 workers on 2 nodes, one each), STRICT_PACK (all
+    on one) or STRICT_SPREAD (each on its own), which Ray never relaxes. Workers that take every
+    GPU of their nodes land the same under PACK and SPREAD."""
     storage_path: str | None = None
     """Where Ray Train keeps checkpoints (`<storage_path>/<train.run_name>/checkpoint_*`): a
     folder every node sees, or a URI such as `s3://bucket/runs`. None: `train.output_dir`."""
@@ -81,10 +87,9 @@ def load_job_config(
     """
     tree = read_config_file(path) if path is not None else {}
     extra = parse_overrides(overrides or [])
-    job_tree = {k: tree.pop(k) for k in JOB_SECTIONS if k in tree}
-    for key in JOB_SECTIONS:
-        if key in extra:
-            job_tree[key] = {**job_tree.get(key, {}), **extra.pop(key)}
+    job_tree = merge_trees(
+        {k: tree.pop(k) for k in JOB_SECTIONS if k in tree}, {k: extra.pop(k) for k in JOB_SECTIONS if k in extra}
+    )
     try:
         settings = JobSettings.model_validate(job_tree)
     except ValidationError as err:
