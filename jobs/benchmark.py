@@ -3,6 +3,7 @@
     python jobs/benchmark.py                                   # every figure, sized for a 2-core CPU
     python jobs/benchmark.py --only read train_step --repeats 9
     python jobs/benchmark.py --skip ray serve                  # engine figures only, no Ray
+    python jobs/benchmark.py --only fsdp_loading --loading-repeats 3  # peak memory per rank, FSDP2 loading
     python jobs/benchmark.py --preset llama3-8b --device cuda  # one GPU: tokens/s, MFU, read latency, memory
 
 Every figure is a ratio of two things measured side by side in this process (or, for memory, in
@@ -24,8 +25,8 @@ from latentqa.paths import OFFLINE_MODEL, PROJECT_ROOT, RUNS_DIR
 from latentqa_platform import benchmarks as bm
 from latentqa_platform import console
 
-ENGINE = ["read", "train_step", "early_exit", "suite", "layout", "memory"]
-PLATFORM = ["ray", "serve"]
+ENGINE = ["read", "train_step", "early_exit", "suite", "layout", "memory", "fsdp_loading"]
+PLATFORM = ["ray", "serve", "serve_load"]
 ALL = ENGINE + PLATFORM
 
 
@@ -67,6 +68,9 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--memory-layers", type=int, default=bm.MEMORY_DEFAULT.layers)
     g.add_argument("--memory-intermediate", type=int, default=bm.MEMORY_DEFAULT.intermediate)
     g.add_argument("--memory-repeats", type=int, default=1, help="fresh subprocesses per setup")
+    g.add_argument(
+        "--loading-repeats", type=int, default=1, help="fsdp_loading (the --memory-* model): 2-rank runs per way"
+    )
     g.add_argument("--ray-steps", type=int, default=20)
     g.add_argument("--ray-repeats", type=int, default=3)
     g.add_argument("--ray-threads", type=int, default=1)
@@ -74,6 +78,8 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--serve-clients", type=int, default=16)
     g.add_argument("--serve-repeats", type=int, default=3)
     g.add_argument("--serve-new-tokens", type=int, default=8)
+    g.add_argument("--load-reads", type=int, default=2000, help="serve_load: reads per round (steady, then faulty)")
+    g.add_argument("--load-clients", type=int, default=32, help="serve_load: concurrent clients")
     g = p.add_argument_group("GPU preset (replaces the figures above; batch 4, read layer 15 as in the paper)")
     g.add_argument("--preset", choices=["llama3-8b", "tiny"], help="llama3-8b: random Llama-3-8B in bf16")
     g.add_argument("--peak-tflops", type=float, default=989.0, help="device peak for MFU (H100/H200 bf16 dense: 989)")
@@ -102,14 +108,13 @@ def engine_rows(args, names: list[str]) -> list[dict]:
                 bm.layout_throughput(args.repeats, args.layout_examples, args.layout_data, args.layout_tokenizer)
             )
         )
+    memory_size = dataclasses.replace(
+        bm.MEMORY_DEFAULT, hidden=args.memory_hidden, layers=args.memory_layers, intermediate=args.memory_intermediate
+    )
     if "memory" in names:
-        size = dataclasses.replace(
-            bm.MEMORY_DEFAULT,
-            hidden=args.memory_hidden,
-            layers=args.memory_layers,
-            intermediate=args.memory_intermediate,
-        )
-        rows.append(bm.print_row(bm.memory(args.memory_repeats, size)))
+        rows.append(bm.print_row(bm.memory(args.memory_repeats, memory_size)))
+    if "fsdp_loading" in names:
+        rows += [bm.print_row(r) for r in bm.fsdp_loading(args.loading_repeats, memory_size)]
     return rows
 
 
@@ -123,12 +128,16 @@ def platform_rows(args, names: list[str]) -> list[dict]:
             overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}}
         )
         rows.append(bm.print_row(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
+    sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
     if "serve" in names:
-        sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
         from serve.benchmark import serve_benchmarks
 
         for r in serve_benchmarks(args.serve_repeats, args.serve_requests, args.serve_clients, args.serve_new_tokens):
             rows.append(bm.print_row(r))
+    if "serve_load" in names:
+        from serve.benchmark import serve_load
+
+        rows += [bm.print_row(r) for r in serve_load(args.load_reads, args.load_clients)]
     return rows
 
 

@@ -19,9 +19,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from latentqa_platform import console, controls
 from latentqa_platform.adapters import AdapterCatalog
 from latentqa_platform.serving import (
+    CONTRAST_DIALOG,
     ChatRequest,
     ControlJob,
     ControlRequest,
+    LayerMapRequest,
+    LayerMapResponse,
+    LayerRow,
     Overloaded,
     ReadAnswer,
     ReadRequest,
@@ -36,6 +40,7 @@ from latentqa_platform.serving import (
     chat_chunk,
     chat_completion,
 )
+from serve.playground import PAGE_FILES, add_page
 
 # Swagger UI (/docs) and ReDoc (/redoc) from the assets inside fastapi-offline, not a CDN: GPU
 # clusters are often offline.
@@ -99,7 +104,9 @@ class RequestGuard:
     """Before any route reads a byte of the body: the bearer token (401; every path but /healthz,
     the API docs too), then the body's declared size (411 without one, 413 past the limit)."""
 
-    OPEN_PATHS = ("/healthz",)
+    # The playground's static files hold no secret and a browser cannot send a token when it
+    # navigates; the page sends it on every API call (serve/playground/__init__.py).
+    OPEN_PATHS = ("/healthz", *PAGE_FILES)
 
     def __init__(self, app):
         self.app = app
@@ -133,6 +140,14 @@ async def _refuse(status: int, message: str, scope, receive, send, headers: dict
 
 
 api.add_middleware(RequestGuard)
+add_page(api)
+
+
+def _block_count(settings: ServeSettings) -> int:
+    """The target's blocks, from its config file (the gateway loads no weights)."""
+    from latentqa.models import load_model_config
+
+    return load_model_config(settings.engine_config().model).num_hidden_layers
 
 
 def _cause(err: BaseException) -> BaseException:
@@ -152,6 +167,7 @@ class Gateway:
         uri = self.settings.tracking_uri()
         self.decoders = AdapterCatalog("decoder", self.settings.decoders, uri)
         self.controls = AdapterCatalog("control", self.settings.controls, uri)
+        self.target_layers = _block_count(self.settings)
         api.state.token = self.settings.auth_token()  # raises (the replica does not start) when auth has no token
         api.state.max_body_bytes = self.settings.max_body_bytes
         log.warning("auth: %s", "bearer token" if api.state.token else "none (every route is open)")
@@ -206,10 +222,39 @@ class Gateway:
         """Rank candidate answers to a question about a dialog by the decoder's loss, best first."""
         decoder = await self._decoder(body.decoder)
         dialog = [m.model_dump() for m in body.dialog]
+        if body.baselines:
+            contrast = [m.model_dump() for m in body.contrast_dialog] if body.contrast_dialog else CONTRAST_DIALOG
+            layer, rows = await self._call(
+                "score_baselines", decoder, dialog, body.question, body.candidates, body.read_layer, contrast
+            )
+            return ScoreResponse(decoder=decoder, read_layer=layer, ranked=[ScoredCandidate(**row) for row in rows])
         layer, ranked = await self._call("score", decoder, dialog, body.question, body.candidates, body.read_layer)
         return ScoreResponse(
             decoder=decoder, read_layer=layer, ranked=[ScoredCandidate(answer=a, loss=loss) for a, loss in ranked]
         )
+
+    @api.post("/v1/layers", tags=["read"], response_model=LayerMapResponse)
+    async def layer_map(self, body: LayerMapRequest) -> LayerMapResponse:
+        """The answer (or each candidate's loss) with activations read at every layer, in one request."""
+        decoder = await self._decoder(body.decoder)
+        dialog = [m.model_dump() for m in body.dialog]
+        read_layer, rows = await self._call(
+            "layer_map", decoder, dialog, body.question, body.candidates, body.layers, body.max_new_tokens
+        )
+        return LayerMapResponse(decoder=decoder, read_layer=read_layer, rows=[LayerRow(**row) for row in rows])
+
+    @api.get("/v1/target", tags=["read"])
+    async def target(self) -> dict:
+        """The target: its chat name, its blocks (read layers 0 .. layers-1), and what a request
+        that says nothing gets: the paper's questions, the shuffled baseline's contrast dialog."""
+        from latentqa.data import DEFAULT_QUESTIONS
+
+        return {
+            "name": self.settings.target_name,
+            "layers": self.target_layers,
+            "questions": DEFAULT_QUESTIONS,
+            "contrast_dialog": CONTRAST_DIALOG,
+        }
 
     @api.get("/v1/models", tags=["chat"])
     async def models(self) -> dict:

@@ -60,6 +60,19 @@ class ServedAdapter:
             self.replica.work.submit(self.replica.adapters.unload, name)
 
 
+@contextlib.contextmanager
+def _fields_as(renames: dict[str, str]) -> Iterator[None]:
+    """A check written for one request's body run on another's: its errors blame the fields
+    under their names there (`renames`: old field prefix -> new)."""
+    try:
+        yield
+    except RequestError as err:
+        for old, new in renames.items():
+            if err.field == old or err.field.startswith(old + "."):
+                raise type(err)(new + err.field[len(old) :], err.message) from None
+        raise
+
+
 @dataclass(frozen=True)
 class ReadJob:
     adapter: ServedAdapter
@@ -188,21 +201,26 @@ class ModelReplica:
             spans.append(side.patched_span[1] - side.patched_span[0])
         return spans
 
-    def _check_layer(self, read_layer: int) -> None:
+    def _check_layer(self, read_layer: int, field: str = "read_layer") -> None:
         if not 0 <= read_layer < self.lqa.model.num_layers:
-            raise RequestError("read_layer", f"{read_layer} is outside the target's {self.lqa.model.num_layers} blocks")
+            raise RequestError(field, f"{read_layer} is outside the target's {self.lqa.model.num_layers} blocks")
 
-    def _check_read(self, dialogs: list[list[dict]], questions: list[str], max_new_tokens: int) -> None:
+    def _check_read(
+        self, dialogs: list[list[dict]], questions: list[str], max_new_tokens: int, layers: int = 1
+    ) -> None:
+        """`layers`: the read layers each answer is generated at (a layer map)."""
         spans = self._check_dialogs(dialogs, "dialogs")
         check_tokens(
             self._tokens, {f"questions.{q}": text for q, text in enumerate(questions)}, self.settings.max_turn_tokens
         )
-        generated, budget = len(dialogs) * len(questions) * max_new_tokens, self.settings.max_generated_tokens
+        generated = len(dialogs) * len(questions) * max_new_tokens * layers
+        budget = self.settings.max_generated_tokens
         if generated > budget:
+            at_layers = f" × {layers} layers" if layers > 1 else ""
             raise RequestError(
                 "max_new_tokens",
-                f"{len(dialogs)} dialogs × {len(questions)} questions × {max_new_tokens} new tokens is {generated}; "
-                f"a read may generate at most {budget}",
+                f"{len(dialogs)} dialogs × {len(questions)} questions × {max_new_tokens} new tokens{at_layers} is "
+                f"{generated}; a read may generate at most {budget}",
             )
         longest = max(questions, key=self._tokens)
         for d, span in enumerate(spans):
@@ -214,22 +232,41 @@ class ModelReplica:
                     f"context of {self._context}",
                 )
 
-    def _check_score(self, dialog: list[dict], question: str, candidates: list[str]) -> None:
+    def _check_score(
+        self,
+        dialog: list[dict],
+        question: str,
+        candidates: list[str],
+        layers: int = 1,
+        contrast: list[dict] | None = None,
+    ) -> None:
+        """`layers`: the read layers every candidate is scored at (a layer map); `contrast`: the
+        shuffled baseline's dialog (the candidates are then scored with its activations and with none too)."""
         [span] = self._check_dialogs([dialog], "dialog")
         texts = {"question": question, **{f"candidates.{c}": text for c, text in enumerate(candidates)}}
         check_tokens(self._tokens, texts, self.settings.max_turn_tokens)
+        lengths = self._scored_lengths(span, question, candidates)
+        scored, passes = layers * sum(lengths), f" at {layers} layers" if layers > 1 else ""
+        if contrast is not None:
+            [contrast_span] = self._check_dialogs([contrast], "contrast_dialog")
+            scored += sum(lengths) + sum(self._scored_lengths(contrast_span, question, candidates))
+            passes = " with the two baselines"
+        if scored > self.settings.max_scored_tokens:
+            raise RequestError(
+                "candidates",
+                f"{len(candidates)} candidates{passes} make {scored} decoder tokens; a score may run at most "
+                f"{self.settings.max_scored_tokens}",
+            )
+
+    def _scored_lengths(self, span: int, question: str, candidates: list[str]) -> list[int]:
+        """Each candidate's decoder tokens after a read span of `span` placeholders, within the context."""
         lengths = [len(self.lqa.layout.write_side(span, question, text, "score").ids) for text in candidates]
         for c, length in enumerate(lengths):
             if length > self._context:
                 raise RequestError(
                     f"candidates.{c}", f"{length} decoder tokens; the target's context is {self._context}"
                 )
-        if sum(lengths) > self.settings.max_scored_tokens:
-            raise RequestError(
-                "candidates",
-                f"{len(candidates)} candidates make {sum(lengths)} decoder tokens; a score may run at most "
-                f"{self.settings.max_scored_tokens}",
-            )
+        return lengths
 
     async def read(self, dialogs: list[list[dict]], questions: list[str], read_layer: int | None, max_new_tokens: int):
         async with self._routed_adapter(self.default) as adapter:
@@ -289,6 +326,63 @@ class ModelReplica:
                     return [(s.answer, s.loss) for s in ranked]
 
             return layer, await self._run(run)
+
+    async def score_baselines(
+        self, dialog: list[dict], question: str, candidates: list[str], read_layer: int | None, contrast: list[dict]
+    ):
+        """Each candidate's loss with the dialog's activations, the `contrast` dialog's and none
+        (`latentqa.reading.score_baselines`), best (with the dialog's) first."""
+        from latentqa.reading import score_baselines
+
+        async with self._routed_adapter(self.default) as adapter:
+            layer = adapter.read_layer if read_layer is None else read_layer
+            self._check_layer(layer)
+            self._check_score(dialog, question, candidates, contrast=contrast)
+
+            def run():
+                with self.adapters.routed(decoder=adapter.peft_name):
+                    losses = score_baselines(self.lqa, dialog, question, candidates, contrast, read_layer=layer)
+                rows = [
+                    {"answer": answer, "loss": true, "loss_shuffled": shuffled, "loss_none": none}
+                    for answer, true, shuffled, none in zip(
+                        candidates, losses["true"], losses["shuffled"], losses["none"]
+                    )
+                ]
+                return sorted(rows, key=lambda row: row["loss"])
+
+            return layer, await self._run(run)
+
+    async def layer_map(
+        self,
+        dialog: list[dict],
+        question: str,
+        candidates: list[str] | None,
+        layers: list[int] | None,
+        max_new_tokens: int,
+    ):
+        """The answer (or, given `candidates`, their losses) with activations read at each of
+        `layers` (default: every block), from one target pass; the work counts once per layer."""
+        from latentqa.reading import read_layers, score_layers
+
+        async with self._routed_adapter(self.default) as adapter:
+            for i, layer in enumerate(layers or []):
+                self._check_layer(layer, f"layers.{i}")
+            layers = sorted(set(layers or range(self.lqa.model.num_layers)))
+            if candidates:
+                self._check_score(dialog, question, candidates, layers=len(layers))
+            else:
+                with _fields_as({"dialogs.0": "dialog", "questions.0": "question"}):
+                    self._check_read([dialog], [question], max_new_tokens, layers=len(layers))
+
+            def run():
+                with self.adapters.routed(decoder=adapter.peft_name):
+                    if candidates:
+                        losses = score_layers(self.lqa, dialog, question, candidates, layers)
+                        return [{"layer": layer, "losses": losses[layer]} for layer in layers]
+                    answers = read_layers(self.lqa, dialog, question, layers, max_new_tokens)
+                    return [{"layer": layer, "answer": answers[layer]} for layer in layers]
+
+            return adapter.read_layer, await self._run(run)
 
     # ----- chat: the target (with or without a control adapter) as a chat model
     def _prompt(self, messages: list[dict], max_tokens: int) -> list[int]:

@@ -227,6 +227,7 @@ def test_score_ranks_candidates_best_first(client):
         ("/v1/score", {"dialog": DIALOG, "question": "Q?", "candidates": ["a"] * 33}, 422, "body.candidates"),
         ("/v1/chat/completions", {"model": "target", "messages": DIALOG, "max_tokens": 5000}, 422, "body.max_tokens"),
         ("/v1/chat/completions", {"model": "target", "messages": DIALOG, "n": 3}, 422, "body.n"),
+        ("/v1/chat/completions", {"model": "target", "messages": DIALOG, "seed": 2**64}, 422, "body.seed"),
         ("/v1/chat/completions", {"model": "no-such-control", "messages": DIALOG}, 404, "body.model"),
         ("/v1/chat/completions", {"model": f"{DECODER_MODEL}/1", "messages": DIALOG}, 404, "body.model"),  # a decoder
         ("/v1/controls", {"name": "Bad Name!", "qa": [["q", "a"]]}, 422, "body.name"),
@@ -409,16 +410,35 @@ def test_control_job_reports_progress_and_registers_an_adapter(pirate_job, decod
     assert progress == sorted(progress)
 
 
-def test_a_stream_whose_generation_fails_ends_instead_of_hanging(client):
-    """Sampling at a vanishing temperature makes the probabilities NaN and generate() raise: the
-    streamed request must end with an error (here before its first token, so a plain 500 without
-    a traceback) instead of waiting forever on a streamer nobody ends."""
-    body = {"model": "target", "messages": DIALOG, "stream": True, "temperature": 1e-45, "max_tokens": 4}
-    with client.stream("POST", "/v1/chat/completions", json=body, timeout=60) as response:
-        failed = response.status_code, response.read()
-    assert failed[0] == 500 and b"Traceback" not in failed[1], failed
-    assert client.post("/v1/chat/completions", json={**body, "stream": False, "temperature": 0}).status_code == 200
-    assert client.post("/v1/chat/completions", json={**body, "seed": 2**64}).status_code == 422
+def test_a_stream_whose_generation_fails_ends_instead_of_hanging(decoder):
+    """A generate() that raises never ends its streamer: the replica's stream (here in process,
+    its generation made to fail, since no valid request makes it fail) must end with the error
+    instead of waiting forever; the gateway answers such an error with a 500 that names the
+    request id, not the error."""
+    from starlette.requests import Request
+
+    from latentqa_platform.serving import ServeSettings
+    from serve.gateway import _unexpected
+    from serve.replica import ModelReplica
+
+    settings = ServeSettings(decoders={"local": str(decoder.folder)}, mlflow=decoder.mlflow_settings(), verbose=True)
+    replica = ModelReplica.func_or_class(settings.model_dump(mode="json"))
+
+    def failing_generate(*args, **kwargs):
+        raise RuntimeError("probability tensor contains either `inf`, `nan` or element < 0")
+
+    replica._generate = failing_generate
+    options = {"max_tokens": 4, "temperature": 1.0, "top_p": 1.0, "seed": None}
+
+    async def stream() -> list[dict]:
+        return [part async for part in replica.chat_stream(DIALOG, options)]
+
+    with pytest.raises(RuntimeError, match="probability tensor"):
+        asyncio.run(asyncio.wait_for(stream(), 60))
+    scope = {"type": "http", "method": "POST", "scheme": "http", "server": ("127.0.0.1", 80), "query_string": b""}
+    scope |= {"path": "/v1/chat/completions", "headers": [(b"x-request-id", b"req-7")]}
+    failed = asyncio.run(_unexpected(Request(scope), RuntimeError("probability tensor contains NaN")))
+    assert failed.status_code == 500 and b"req-7" in failed.body and b"probability" not in failed.body
 
 
 def test_steered_model_over_the_openai_client(app, pirate_job):

@@ -287,14 +287,27 @@ def scoring_batches(
         yield [j for _, j, _ in part], batch, None if condition == "prompting" else DECODER
 
 
-def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
+def candidate_losses(
+    lqa: LatentQA,
+    items: Sequence[ChoiceItem],
+    reads: Sequence[ReadSide],
+    acts: Sequence[torch.Tensor],
+    condition: str,
+    batch_size: int = 16,
+) -> list[float]:
+    """The loss of every item's every candidate under `condition`, item by item (in eval mode)."""
     shift = lqa.config.patch.shift_position_ids_read
+    losses = []
+    for sources, batch, adapter in scoring_batches(lqa, items, reads, condition, batch_size):
+        part_acts = torch.cat([acts[j] for j in sources]) if condition in ("true", "shuffled") else None
+        losses += lqa.model.example_losses(batch, part_acts, shift, adapter).tolist()
+    return losses
+
+
+def _choose(lqa, items, reads, acts, conditions, batch_size) -> ChoiceResult:
     chosen, answer_losses = {}, {}
     for condition in conditions:
-        losses = []
-        for sources, batch, adapter in scoring_batches(lqa, items, reads, condition, batch_size):
-            part_acts = torch.cat([acts[j] for j in sources]) if condition in ("true", "shuffled") else None
-            losses += lqa.model.example_losses(batch, part_acts, shift, adapter).tolist()
+        losses = candidate_losses(lqa, items, reads, acts, condition, batch_size)
         sizes = [len(item.candidates) for item in items]
         chosen[condition] = _argmins(losses, sizes)
         starts = itertools.accumulate(sizes[:-1], initial=0)

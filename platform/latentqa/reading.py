@@ -123,3 +123,77 @@ def _score(lqa, dialog, question, candidates, layer, batch_size) -> list[ScoredA
             batch, acts.repeat(len(part), 1), lqa.config.patch.shift_position_ids_read
         ).tolist()
     return sorted((ScoredAnswer(c, loss) for c, loss in zip(candidates, losses)), key=lambda s: s.loss)
+
+
+# The evaluation suite's conditions (`latentqa.identification`), for one dialog.
+BASELINES = ("true", "shuffled", "none")
+
+
+def score_baselines(
+    lqa: LatentQA,
+    dialog: Dialog,
+    question: str,
+    candidates: Sequence[str],
+    contrast: Dialog,
+    read_layer: int | None = None,
+    batch_size: int = 16,
+) -> dict[str, list[float]]:
+    """Each candidate's loss (in the order given) under the suite's conditions: the dialog's own
+    activations ("true"), the `contrast` dialog's ("shuffled": the suite pairs each item with
+    another label's dialog) and none ("none"). What "true" does better than the other two is what
+    the decoder reads from the activations rather than guesses from the question."""
+    from .identification import ChoiceItem, candidate_losses, read_items
+
+    layer = _read_layer(lqa, read_layer)
+    items = [
+        ChoiceItem("dialog", "read", dialog_to_read(dialog), question, tuple(candidates), 0),
+        # The contrast dialog only lends its activations; one candidate of its own lays it out.
+        ChoiceItem("contrast", "read", dialog_to_read(contrast), question, tuple(candidates[:1]), 0),
+    ]
+    read = read_items(lqa, items, [layer], batch_size)
+    with lqa.model.evaluating():
+        return {
+            condition: candidate_losses(lqa, items, read.reads, read.acts[layer], condition, batch_size)[
+                : len(candidates)
+            ]
+            for condition in BASELINES
+        }
+
+
+def score_layers(
+    lqa: LatentQA, dialog: Dialog, question: str, candidates: Sequence[str], layers: Sequence[int], batch_size: int = 16
+) -> dict[int, list[float]]:
+    """Each candidate's loss (in the order given) with the dialog's activations read at each of
+    `layers`, all from one target pass (the suite's layer map, for one dialog)."""
+    from .identification import ChoiceItem, candidate_losses, read_items
+
+    items = [ChoiceItem("dialog", "read", dialog_to_read(dialog), question, tuple(candidates), 0)]
+    read = read_items(lqa, items, layers, batch_size)
+    with lqa.model.evaluating():
+        return {
+            layer: candidate_losses(lqa, items, read.reads, read.acts[layer], "true", batch_size) for layer in layers
+        }
+
+
+def read_layers(
+    lqa: LatentQA, dialog: Dialog, question: str, layers: Sequence[int], max_new_tokens: int = 64, batch_size: int = 16
+) -> dict[int, str]:
+    """The answer to `question` with the dialog's activations read at each of `layers`: one
+    target pass, then the layers' decoder prompts generated together."""
+    read_side = lqa.layout.read_side(dialog_to_read(dialog))
+    example = LaidOutExample(read_side, lqa.layout.write_side(_n(read_side), question, None, "generate"))
+    answers: dict[int, str] = {}
+    with lqa.model.evaluating():
+        acts = lqa.model.target_activations(lqa.collate([example]), list(layers))
+        for start in range(0, len(layers), batch_size):
+            part = layers[start : start + batch_size]
+            generated = lqa.model.generate_answers(
+                lqa.collate([example] * len(part)),
+                torch.cat([acts[layer] for layer in part]),
+                max_new_tokens,
+                lqa.stop_ids,
+                lqa.chat_format.pad_id,
+                shift=lqa.config.patch.shift_position_ids_read,
+            )
+            answers |= {layer: lqa.decode(tokens) for layer, tokens in zip(part, generated)}
+    return answers

@@ -9,11 +9,12 @@ shared, so absolute times are noise, ratios much less so. Each function returns 
 `ratio` is the median of the per-repeat ratios measured/baseline (each pair taken back to back).
 Engine benchmarks need no Ray; `ray_overhead` and `serve` import Ray lazily. `memory` runs each
 setup in a fresh subprocess (`python -m latentqa_platform.benchmarks memory-setup ...`) so peaks
-do not mix. `gpu_preset` is the one-shot GPU run (Llama-3-8B shaped, random weights, bf16).
+do not mix, and `fsdp_loading` each rank of each run (`... fsdp-loading-rank ...`). `gpu_preset` is the one-shot GPU run (Llama-3-8B shaped, random weights, bf16).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -23,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -570,8 +572,20 @@ def _synthetic_batch(vocab: int, batch_size: int, read_len: int, write_len: int,
     return collate(out, 5)
 
 
+def _status_mb(*fields: str) -> list[float]:
+    """Fields of /proc/self/status (Linux) in MiB, e.g. VmHWM, RssAnon."""
+    with open("/proc/self/status") as status:
+        values = dict(line.split(":", 1) for line in status)
+    return [int(values[field].split()[0]) / 1024 for field in fields]  # kB
+
+
 def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """This process's peak RSS: VmHWM, not ru_maxrss, which exec carries over from the process it
+    replaced, so that a fresh subprocess would start at its parent's peak."""
+    try:
+        return _status_mb("VmHWM")[0]
+    except OSError:  # no /proc: macOS, where ru_maxrss is in bytes
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) -> dict:
@@ -695,6 +709,165 @@ def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | Non
         net_ratio_above_imports=net,
         repeats=repeats,
     )
+
+
+# ---------------------------------------------------------------- 3b. FSDP2 loading (fresh rank processes)
+
+LOADING_WORLD = 2
+LOADING_WAYS = {
+    "whole": "every rank loads the whole model, then shards it",
+    "rank0": "Strategy.model_loading: rank 0 loads it, the other rank gets its shards",
+}
+LOADING_DTYPES = {  # the model's dtype; the checkpoint is fp32
+    "float32": "fp32 model: the checkpoint's own tensors, mapped from the file and read lazily",
+    "bfloat16": "bf16 model: converted while loading, so held whole in memory",
+}
+
+
+class _ResidentPeaks(threading.Thread):
+    """Peaks of this process's private (RssAnon) and file-backed (RssFile: the mapped checkpoint)
+    resident memory in MiB, sampled by a thread; the kernel keeps only the peak of their sum."""
+
+    def __init__(self, interval: float = 0.002):
+        super().__init__(daemon=True)
+        self.interval, self.private, self.mapped = interval, 0.0, 0.0
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            private, mapped = _status_mb("RssAnon", "RssFile")
+            self.private, self.mapped = max(self.private, private), max(self.mapped, mapped)
+
+
+def fsdp_loading_rank(way: str, dtype: str, model_dir: str, rank: int, rendezvous: str) -> dict:
+    """One rank of a 2-rank FSDP2 run (gloo, CPU), in this fresh process: load the pretrained
+    model as `dtype` in `way` and shard it (`prepare`). Its peak resident memory by then above
+    what it held after its imports (RSS; private; the checkpoint's mapped pages), and the train
+    objective of the sharded model on one example (eval mode: no dropout)."""
+    import torch.distributed as dist
+
+    from latentqa.config import load_config
+    from latentqa.data import load_examples
+    from latentqa.paths import OFFLINE_MODEL
+    from latentqa.session import LatentQA
+    from latentqa.strategy import Strategy, StrategyConfig
+    from latentqa.training import adamw_factory
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=LOADING_WORLD)
+    try:
+        after_import, (private_after_import, mapped_after_import) = _rss_mb(), _status_mb("RssAnon", "RssFile")
+        peaks = _ResidentPeaks()
+        peaks.start()
+        model = {"path": model_dir, "tokenizer": str(OFFLINE_MODEL), "weights": "pretrained", "dtype": dtype}
+        data = {"train": {"path": str(OFFLINE_TRAIN)}, "eval": None}
+        config = load_config(overrides={"model": {**model, "device": "cpu"}, "data": data})
+        strategy = Strategy.create(StrategyConfig(kind="fsdp"))
+        torch.manual_seed(0)
+        with strategy.model_loading() if way == "rank0" else contextlib.nullcontext():
+            lqa = LatentQA.load(config, train_decoder=True)
+        strategy.prepare(lqa.model, adamw_factory(config.train))
+        peak = _rss_mb()
+        peaks.stopped.set()
+        peaks.join()
+        batch = lqa.collate(lqa.lay_out(load_examples(config.data.train)[:1], "train"))
+        with torch.no_grad():
+            loss = strategy.all_reduce_mean(strategy.model(batch, config.patch.read_layer, True).item())
+    finally:
+        dist.destroy_process_group()
+    return {
+        "rss_mb": peak - after_import,
+        "private_mb": peaks.private - private_after_import,
+        "mapped_mb": peaks.mapped - mapped_after_import,
+        "after_import_mb": after_import,
+        "loss": loss,
+    }
+
+
+def _fsdp_loading_run(way: str, dtype: str, model_dir: Path, rendezvous: Path) -> list[dict]:
+    """Both ranks of one run, each a fresh process (no peak carries over); their results by rank."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT / "platform"), os.environ.get("PYTHONPATH", "")]),
+    }
+    command = [sys.executable, "-m", "latentqa_platform.benchmarks", "fsdp-loading-rank", way, dtype, str(model_dir)]
+    ranks = [
+        subprocess.Popen(
+            [*command, str(rank), f"file://{rendezvous}"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for rank in range(LOADING_WORLD)
+    ]
+    results = []
+    for rank, process in enumerate(ranks):
+        stdout, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"fsdp loading {way!r} ({dtype}), rank {rank} failed:\n{stderr[-3000:]}")
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
+
+
+def fsdp_loading(repeats: int, size: ModelSize = MEMORY_DEFAULT) -> list[dict]:
+    """Peak resident memory of each rank while 2 FSDP2 ranks (gloo, CPU) load a pretrained model of
+    `size` (an fp32 safetensors checkpoint) and shard it: rank 0 loading it and sending the other
+    rank its shards (`Strategy.model_loading`) against every rank loading it whole, as before.
+    Net of the process's size after its imports, in ratios to the model's bytes; one row per
+    model dtype and rank. The ways and dtypes alternate, `repeats` runs each, medians. Also the
+    train objective after each way, which must not change."""
+    from latentqa.config import ModelConfig
+    from latentqa.models import load_base
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(size, size.vocab or 32000, Path(tmp) / "model")
+        base = load_base(ModelConfig(path=str(model_dir), weights="random", device="cpu"))
+        parameters = sum(p.numel() for p in base.parameters())  # tied embeddings: once
+        base.save_pretrained(model_dir)
+        del base
+        runs: dict[tuple[str, str], list[list[dict]]] = {(d, w): [] for d in LOADING_DTYPES for w in LOADING_WAYS}
+        for repeat in range(repeats):
+            for dtype, way in runs:
+                rendezvous = Path(tmp) / f"rendezvous-{dtype}-{way}-{repeat}"
+                runs[dtype, way].append(_fsdp_loading_run(way, dtype, model_dir, rendezvous))
+    rows = []
+    for dtype, loaded_as in LOADING_DTYPES.items():
+        model_mb = parameters * torch.finfo(getattr(torch, dtype)).bits / 8 / 2**20
+        pairs = zip(runs[dtype, "rank0"], runs[dtype, "whole"])
+        loss_gap = max(abs(new[0]["loss"] - old[0]["loss"]) for new, old in pairs)
+        for rank in range(LOADING_WORLD):
+            rss, private, mapped = (
+                {w: [r[rank][key] for r in runs[dtype, w]] for w in LOADING_WAYS}
+                for key in ("rss_mb", "private_mb", "mapped_mb")
+            )
+            # What the rank must hold: rank 0 reads the whole model, the other rank its shard.
+            limit = (1.0 if rank == 0 else 1 / LOADING_WORLD) + 0.25
+            private_to_model = {way: statistics.median(mb) / model_mb for way, mb in private.items()}
+            rows.append(
+                row(
+                    f"fsdp loading {dtype} rank {rank}",
+                    statistics.median(rss["rank0"]),
+                    statistics.median(rss["whole"]),
+                    "MB peak RSS above imports",
+                    paired_ratio(rss["rank0"], rss["whole"]),
+                    f"private peak <= {limit:g}x the model",
+                    private_to_model["rank0"] <= limit,
+                    measured_is=LOADING_WAYS["rank0"],
+                    baseline_is=LOADING_WAYS["whole"],
+                    model=loaded_as,
+                    model_mb=model_mb,
+                    parameters=parameters,
+                    shard_to_model=1 / LOADING_WORLD,
+                    rss_to_model={way: statistics.median(mb) / model_mb for way, mb in rss.items()},
+                    private_to_model=private_to_model,
+                    mapped_to_model={way: statistics.median(mb) / model_mb for way, mb in mapped.items()},
+                    after_import_mb=statistics.median(run[rank]["after_import_mb"] for run in runs[dtype, "whole"]),
+                    max_loss_difference=loss_gap,
+                    repeats=repeats,
+                )
+            )
+    return rows
 
 
 # ---------------------------------------------------------------- 6. Ray Train overhead
@@ -1000,3 +1173,5 @@ def plot(rows: list[dict], out: Path) -> Path | None:
 if __name__ == "__main__":  # the memory subprocesses
     if sys.argv[1] == "memory-setup":
         print(json.dumps(memory_setup(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+    elif sys.argv[1] == "fsdp-loading-rank":
+        print(json.dumps(fsdp_loading_rank(*sys.argv[2:5], int(sys.argv[5]), sys.argv[6])))

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, model_validator
+from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from latentqa.config import LatentQAConfig, StrictModel, load_config
 from latentqa.paths import RUNS_DIR, STEER_PROMPTS
@@ -30,6 +30,10 @@ MAX_NEW_TOKENS = 256
 MAX_CONTROL_PAIRS = 64
 MAX_CONTROL_STEPS = 200
 MAX_TEXT_CHARS = 8000  # before tokenising; the token limit per turn is `ServeSettings.max_turn_tokens`
+MAX_LAYERS = 256  # read layers in one layer map; the target's own count is the real bound
+# Sampling below it overflows the scaled logits (1e-45 is 0 in float32) and generation fails on
+# NaN probabilities; a smaller positive temperature samples at it, as vLLM does.
+MIN_TEMPERATURE = 0.01
 
 # Names become MLflow model names and multiplexing ids, never file paths.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9-]{0,47}$"
@@ -91,7 +95,7 @@ class ServeSettings(StrictModel):
     request_timeout_s: float = Field(300.0, gt=0)
     """A read, score or chat the model has not answered by then is cancelled: 503 with Retry-After."""
     auth: Literal["token", "none"] = "token"
-    """token: every route but /healthz (the API docs too) needs `Authorization: Bearer <token>`,
+    """token: every route but /healthz and the playground page's files (the API docs too) needs `Authorization: Bearer <token>`,
     and the app refuses to start without a token; none: no auth (a loopback trial only)."""
     auth_token_file: str | None = None
     """A file holding the token, e.g. a mounted Kubernetes Secret; outranks `auth_token_env`."""
@@ -210,23 +214,72 @@ class ReadResponse(BaseModel):
     results: list[list[ReadAnswer]] = Field(description="results[d][q]: dialog d, question q")
 
 
+# The shuffled baseline's stand-in for "another label's dialog" when a request names none: a
+# plain factual exchange, with no persona or goal for the decoder to find.
+CONTRAST_DIALOG = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+]
+
+
 class ScoreRequest(StrictModel):
     dialog: Dialog
     question: Text
     candidates: list[Text] = Field(min_length=1, max_length=MAX_CANDIDATES)
     decoder: str | None = Field(None, max_length=200)
     read_layer: int | None = Field(None, ge=0)
+    baselines: bool = Field(
+        False,
+        description="also score every candidate as the evaluation suite's baselines do: with the activations "
+        "of `contrast_dialog` (shuffled) and with none; about three times the work",
+    )
+    contrast_dialog: Dialog | None = Field(
+        None, description="the shuffled baseline's dialog (default: a plain factual exchange, GET /v1/target)"
+    )
+
+    @model_validator(mode="after")
+    def _contrast_with_baselines(self) -> ScoreRequest:
+        if self.contrast_dialog is not None and not self.baselines:
+            raise ValueError("contrast_dialog is the shuffled baseline's dialog: send it with baselines: true")
+        return self
 
 
 class ScoredCandidate(BaseModel):
     answer: str
     loss: float
+    loss_shuffled: float | None = Field(None, description="with `baselines`: with the contrast dialog's activations")
+    loss_none: float | None = Field(None, description="with `baselines`: with no activations")
 
 
 class ScoreResponse(BaseModel):
     decoder: str
     read_layer: int
     ranked: list[ScoredCandidate] = Field(description="best (lowest loss) first")
+
+
+class LayerMapRequest(StrictModel):
+    dialog: Dialog
+    question: Text
+    candidates: list[Text] | None = Field(
+        None, min_length=1, max_length=MAX_CANDIDATES, description="score these at every layer; none: answer there"
+    )
+    layers: list[Annotated[int, Field(ge=0)]] | None = Field(
+        None, min_length=1, max_length=MAX_LAYERS, description="read layers; default: every block of the target"
+    )
+    decoder: str | None = Field(None, max_length=200)
+    max_new_tokens: int = Field(32, ge=1, le=MAX_NEW_TOKENS)
+
+
+class LayerRow(BaseModel):
+    layer: int
+    answer: str | None = Field(None, description="the answer with activations read at this layer (no candidates)")
+    losses: list[float] | None = Field(None, description="each candidate's loss at this layer, in the order sent")
+
+
+class LayerMapResponse(BaseModel):
+    decoder: str
+    read_layer: int = Field(description="the layer the decoder was trained to read")
+    rows: list[LayerRow]
 
 
 class ChatRequest(BaseModel):
@@ -237,11 +290,18 @@ class ChatRequest(BaseModel):
     messages: Dialog
     max_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_NEW_TOKENS)
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0: greedy")
+    temperature: float = Field(
+        0.0, ge=0.0, le=2.0, description=f"0: greedy; a positive value below {MIN_TEMPERATURE} samples at it"
+    )
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
     stream: bool = False
     seed: int | None = Field(None, ge=0, lt=2**63, description="for sampled replies")
+
+    @field_validator("temperature")
+    @classmethod
+    def _sampling_floor(cls, value: float) -> float:
+        return max(value, MIN_TEMPERATURE) if value > 0 else value
 
     @property
     def new_tokens(self) -> int:
