@@ -201,6 +201,12 @@ class ModelReplica:
             spans.append(side.patched_span[1] - side.patched_span[0])
         return spans
 
+    def _layer_for(self, adapter: ServedAdapter, read_layer: int | None) -> int:
+        """The layer a request reads (its own, else the decoder's), checked against the target."""
+        layer = adapter.read_layer if read_layer is None else read_layer
+        self._check_layer(layer)
+        return layer
+
     def _check_layer(self, read_layer: int, field: str = "read_layer") -> None:
         if not 0 <= read_layer < self.lqa.model.num_layers:
             raise RequestError(field, f"{read_layer} is outside the target's {self.lqa.model.num_layers} blocks")
@@ -270,8 +276,7 @@ class ModelReplica:
 
     async def read(self, dialogs: list[list[dict]], questions: list[str], read_layer: int | None, max_new_tokens: int):
         async with self._routed_adapter(self.default) as adapter:
-            layer = adapter.read_layer if read_layer is None else read_layer
-            self._check_layer(layer)
+            layer = self._layer_for(adapter, read_layer)
             self._check_read(dialogs, questions, max_new_tokens)
             # Wait for company only where there is some: other reads in flight, or a last batch of
             # several (their clients are about to send again). A lone client's read starts at once.
@@ -316,8 +321,7 @@ class ModelReplica:
         from latentqa.reading import score
 
         async with self._routed_adapter(self.default) as adapter:
-            layer = adapter.read_layer if read_layer is None else read_layer
-            self._check_layer(layer)
+            layer = self._layer_for(adapter, read_layer)
             self._check_score(dialog, question, candidates)
 
             def run():
@@ -335,8 +339,7 @@ class ModelReplica:
         from latentqa.reading import score_baselines
 
         async with self._routed_adapter(self.default) as adapter:
-            layer = adapter.read_layer if read_layer is None else read_layer
-            self._check_layer(layer)
+            layer = self._layer_for(adapter, read_layer)
             self._check_score(dialog, question, candidates, contrast=contrast)
 
             def run():

@@ -31,8 +31,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from trained_decoder import ALIAS, DECODER_MODEL, trained_decoder
 
-from conftest import free_port
-from test_serve import AUTH, DIALOG, TOKEN, _wait_healthy
+from test_serve import AUTH, DIALOG, TOKEN, served_app
 
 pytestmark = pytest.mark.slow
 
@@ -109,14 +108,9 @@ class Tally:
 @pytest.fixture(scope="module")
 def app(ray_cluster, tmp_path_factory):
     """One model replica over the session's trained decoder, auth on, small limits."""
-    from ray import serve
-
     from latentqa_platform.serving import ServeSettings
-    from serve.app import Gateway, ModelReplica, Steering, application
 
     decoder = trained_decoder(tmp_path_factory.getbasetemp() / "trained-decoder")
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(
         decoders={"tiny": decoder.registry_uri, "local": str(decoder.folder)},
         mlflow=decoder.mlflow_settings(),
@@ -129,21 +123,8 @@ def app(ray_cluster, tmp_path_factory):
         max_queued_controls=1,
         steer_prompts=str(tmp_path_factory.mktemp("fuzz") / "no-prompts.json"),
     )
-    app = application(
-        settings,
-        model=ModelReplica.options(num_replicas=1, ray_actor_options={"num_cpus": 0.5}),
-        steering=Steering.options(ray_actor_options={"num_cpus": 0.5}),
-        gateway=Gateway.options(
-            ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}
-        ),
-    )
-    serve.run(app, name="latentqa-fuzz", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url)
-    try:
+    with served_app(settings, "latentqa-fuzz") as url:
         yield url
-    finally:
-        serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ import time
 import httpx
 import pytest
 
-from conftest import browser_page, free_port
+from conftest import browser_page
 from latentqa.paths import PROJECT_ROOT
-from test_serve import TOKEN, _wait_healthy, decoder  # noqa: F401  (decoder: the session's trained one)
+from test_serve import TOKEN, decoder, served_app  # noqa: F401  (decoder: the session's trained one)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 DIALOG = [
@@ -58,13 +58,8 @@ def test_answers_at_every_layer_are_the_reads_at_each(offline_session):
 @pytest.fixture(scope="module")
 def app(ray_cluster, decoder):  # noqa: F811
     """The app on a free loopback port, one model replica, auth on."""
-    from ray import serve
-
     from latentqa_platform.serving import ServeSettings
-    from serve.app import Gateway, ModelReplica, Steering, application
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(
         decoders={"tiny": decoder.registry_uri},
         mlflow=decoder.mlflow_settings(),
@@ -73,21 +68,8 @@ def app(ray_cluster, decoder):  # noqa: F811
         max_generated_tokens=600,
         max_scored_tokens=1200,
     )
-    app = application(
-        settings,
-        model=ModelReplica.options(ray_actor_options={"num_cpus": 0.5}),
-        steering=Steering.options(ray_actor_options={"num_cpus": 0.5}),
-        gateway=Gateway.options(
-            ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}
-        ),
-    )
-    serve.run(app, name="latentqa-playground", route_prefix="/", blocking=False)
-    url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url)
-    try:
+    with served_app(settings, "latentqa-playground") as url:
         yield url
-    finally:
-        serve.shutdown()
 
 
 def test_the_page_is_open_and_the_api_is_not(app):

@@ -13,6 +13,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -46,13 +48,8 @@ def decoder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def app(ray_cluster, decoder):
     """The app on a free loopback port: two model replicas, adapters multiplexed (at most 2 each)."""
-    from ray import serve
-
     from latentqa_platform.serving import ServeSettings
-    from serve.app import Gateway, ModelReplica, Steering, application
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     settings = ServeSettings(
         # More adapters than the replicas have slots (2 x 2), so evictions happen under load.
         decoders={"tiny": decoder.registry_uri, **{name: str(decoder.folder) for name in SAME_DECODER}},
@@ -64,18 +61,32 @@ def app(ray_cluster, decoder):
         max_scored_tokens=1200,
         max_body_bytes=200_000,
     )
+    with served_app(settings, APP, model_replicas=2) as url:
+        yield url
+
+
+@contextmanager
+def served_app(settings, name: str, model_replicas: int = 1) -> Iterator[str]:
+    """`settings` served as app `name` on a free loopback port (auth on with TOKEN), healthy;
+    yields its URL and shuts Serve down after."""
+    from ray import serve
+
+    from serve.app import Gateway, ModelReplica, Steering, application
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = application(
         settings,
-        model=ModelReplica.options(num_replicas=2, ray_actor_options={"num_cpus": 0.5}),
+        model=ModelReplica.options(num_replicas=model_replicas, ray_actor_options={"num_cpus": 0.5}),
         steering=Steering.options(ray_actor_options={"num_cpus": 0.5}),
         gateway=Gateway.options(
             ray_actor_options={"num_cpus": 0.25, "runtime_env": {"env_vars": {"LATENTQA_API_TOKEN": TOKEN}}}
         ),
     )
-    serve.run(app, name=APP, route_prefix="/", blocking=False)
+    serve.run(app, name=name, route_prefix="/", blocking=False)
     url = f"http://127.0.0.1:{port}"
-    _wait_healthy(url)
     try:
+        _wait_healthy(url)
         yield url
     finally:
         serve.shutdown()
