@@ -56,12 +56,16 @@ def run_main(main: Callable[[], int]) -> int:
     try:
         return main()
     except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
+        message = f"config error: {err}"
     except Exception as err:  # the engine's DataError or LayoutError, possibly wrapped by Ray
         found = raydata.data_error(err)
         if found is None:
             raise
-        print(f"data error: {found}", file=sys.stderr)
+        message = f"data error: {found}"
+    # Leave Ray first: what its core prints while the driver goes ("Failed to push error to
+    # driver") then comes before the message, and the last line is what went wrong.
+    raydata.leave()
+    print(message, file=sys.stderr)
     return 2
 
 

@@ -33,17 +33,29 @@ from latentqa.data import (
 from latentqa.layout import LaidOutExample, Layout, LayoutError, ReadSide, WriteSide
 from latentqa.session import layout_for
 
+_joined = False  # whether `connect` joined the cluster; a caller already connected keeps its connection
+
 
 def connect(address: str | None, log_to_driver: bool = True) -> None:
     """Join (or start) the cluster, with Ray Data set up for exact resumes. `log_to_driver`: print
     the workers' output here too (else it stays in Ray's logs)."""
+    global _joined
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=log_to_driver)
+        _joined = True
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     # Row order independent of task timing: the same seed gives the same shards and batches, so
     # a resumed run skips exactly the batches it already trained on.
     context.execution_options.preserve_order = True
+
+
+def leave() -> None:
+    """Disconnect from the cluster if `connect` joined it (never a connection the caller made)."""
+    global _joined
+    if _joined and ray.is_initialized():
+        ray.shutdown()
+    _joined = False
 
 
 def _file_path(row: dict) -> str:
