@@ -452,6 +452,44 @@ def test_a_stream_whose_generation_fails_ends_instead_of_hanging(decoder):
     assert failed.status_code == 500 and b"req-7" in failed.body and b"probability" not in failed.body
 
 
+def test_a_client_gone_mid_adapter_load_leaves_no_adapter_mounted(decoder):
+    """The replica in process: a request cancelled (its client gone) while its decoder is being
+    mounted must not leave that decoder on the base past the LRU cap, where nothing would evict
+    it: the mount finishes on the model thread and is unmounted at once."""
+    from latentqa_platform.serving import ServeSettings
+    from serve.replica import ModelReplica
+
+    settings = ServeSettings(
+        decoders={"local": str(decoder.folder), "other": str(decoder.folder)},
+        mlflow=decoder.mlflow_settings(),
+        verbose=True,
+    )
+    replica = ModelReplica.func_or_class(settings.model_dump(mode="json"))
+    mounting, release, load = threading.Event(), threading.Event(), replica.adapters.load
+
+    def slow_load(folder, name):  # on the model thread, as a real load is
+        mounting.set()
+        release.wait(60)
+        load(folder, name)
+
+    replica.adapters.load = slow_load
+    names_before = set(replica.adapters.model.peft_config)
+
+    async def cancelled_mid_load() -> None:
+        request = asyncio.ensure_future(replica._load("decoder:other"))
+        await asyncio.to_thread(mounting.wait, 60)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+        release.set()
+        for _ in range(2):  # the mount, then the unmount it queued behind it on the model thread
+            await replica._run(lambda: None)
+            await asyncio.sleep(0.1)
+
+    asyncio.run(asyncio.wait_for(cancelled_mid_load(), 120))
+    assert set(replica.adapters.model.peft_config) == names_before
+
+
 def test_steered_model_over_the_openai_client(app, pirate_job):
     job, _ = pirate_job
     oai = _openai(app)
@@ -499,7 +537,8 @@ def test_control_from_an_instruction(client):
 def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path, monkeypatch):
     """The Steering deployment's class in process: past `max_queued_controls` a job is refused
     (429 with Retry-After at the gateway), and a failure outside the job itself (here an
-    unreadable prompt set) still ends the job failed, with the error, instead of queued forever."""
+    unreadable prompt set) still ends the job failed, with the error (and no server path in it),
+    instead of queued forever."""
     from ray import serve
 
     from latentqa_platform import controls
@@ -529,7 +568,8 @@ def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path, monkeypatch)
     opened.set()  # the first Steering's job now ends (failed: the prompts are missing) and frees its place
     steering.queue.shutdown(wait=True)
     status = controls.job_status(decoder.tracking_uri, job)
-    assert status["status"] == "failed" and "missing.json" in status["error"], status
+    assert status["status"] == "failed" and "…/missing.json" in status["error"], status
+    assert str(tmp_path) not in status["error"], "a job's error, which any client can read, names a server path"
     assert steering.pending == 0 and restarted.pending == 0
     response = asyncio.run(_request_error(_request("/v1/controls"), Overloaded("name", "busy")))
     assert response.status_code == 429 and response.headers["retry-after"] == "30"
