@@ -150,6 +150,16 @@ def _block_count(settings: ServeSettings) -> int:
     return load_model_config(settings.engine_config().model).num_hidden_layers
 
 
+def _dialog_roles(settings: ServeSettings) -> dict:
+    """The roles a dialog may hold and where a system prompt goes, from the target's tokenizer and
+    chat template (the playground's role picker)."""
+    from latentqa.chat_format import ChatFormat
+    from latentqa.models import load_tokenizer
+
+    chat_format = ChatFormat(load_tokenizer(settings.engine_config().model))
+    return {"roles": list(chat_format.dialog_roles), "system_placement": chat_format.system_placement}
+
+
 def _cause(err: BaseException) -> BaseException:
     """The user exception inside a Ray task error, so RequestError reaches its handler intact."""
     cause = getattr(err, "cause", None)
@@ -168,6 +178,7 @@ class Gateway:
         self.decoders = AdapterCatalog("decoder", self.settings.decoders, uri)
         self.controls = AdapterCatalog("control", self.settings.controls, uri)
         self.target_layers = _block_count(self.settings)
+        self.target_roles = _dialog_roles(self.settings)
         api.state.token = self.settings.auth_token()  # raises (the replica does not start) when auth has no token
         api.state.max_body_bytes = self.settings.max_body_bytes
         log.warning("auth: %s", "bearer token" if api.state.token else "none (every route is open)")
@@ -245,13 +256,16 @@ class Gateway:
 
     @api.get("/v1/target", tags=["read"])
     async def target(self) -> dict:
-        """The target: its chat name, its blocks (read layers 0 .. layers-1), and what a request
-        that says nothing gets: the paper's questions, the shuffled baseline's contrast dialog."""
+        """The target: its chat name, its blocks (read layers 0 .. layers-1), the roles its chat
+        template renders (`roles`; `system_placement`: own_turn, or folded/merged into a user turn),
+        and what a request that says nothing gets: the paper's questions, the shuffled baseline's
+        contrast dialog."""
         from latentqa.data import DEFAULT_QUESTIONS
 
         return {
             "name": self.settings.target_name,
             "layers": self.target_layers,
+            **self.target_roles,
             "questions": DEFAULT_QUESTIONS,
             "contrast_dialog": CONTRAST_DIALOG,
         }

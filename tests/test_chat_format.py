@@ -1,10 +1,12 @@
 """Format discovery from tokenizers and chat templates alone (no per-model tables)."""
 
 import pytest
+from transformers import AutoTokenizer
 
 from latentqa.chat_format import ChatFormat, UnsupportedChatTemplate
 from latentqa.data import Example, Record
 from latentqa.layout import IGNORE_INDEX, Layout
+from latentqa.paths import OFFLINE_MODEL
 
 RECORDS = {
     "system": Record(system="Be a pirate.", stimulus_user="Hi there", label="a"),
@@ -68,6 +70,33 @@ def test_template_families(family_tokenizers, family, bos, role, placement):
         learned = tokenizer.decode([t for t in write.labels if t != IGNORE_INDEX])
         assert learned.startswith("Sure, I've analyzed the assistant.") and "Pirate." in learned
         assert "What?" not in learned
+
+
+@pytest.mark.parametrize(
+    "family, roles",
+    [
+        ("llama3", ("system", "user", "assistant", "tool")),  # renders any role name
+        ("gemma", ("system", "user", "assistant", "tool")),
+        ("deepseek", ("system", "user", "assistant")),  # drops any other role
+    ],
+)
+def test_dialog_roles_are_those_the_template_renders(family_tokenizers, family, roles):
+    assert ChatFormat(family_tokenizers[family]).dialog_roles == roles
+
+
+def test_dialog_roles_leave_out_a_role_whose_content_is_rewritten():
+    """A system prompt the template refuses is still a role (the layout merges it into the first
+    user turn); a tool turn written as JSON is not, as its content is not the text sent."""
+    tokenizer = AutoTokenizer.from_pretrained(OFFLINE_MODEL)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
+        "{{ (m['content'] | tojson) if m['role'] == 'tool' else m['content'] }}{{ '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+    )
+    fmt = ChatFormat(tokenizer)
+    assert fmt.system_placement == "merged"
+    assert fmt.dialog_roles == ("system", "user", "assistant")
 
 
 def test_score_mode_learns_only_the_answer(family_tokenizers):

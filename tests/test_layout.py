@@ -74,3 +74,35 @@ def test_too_long_prompt_is_a_clear_error(llama3_tokenizer):
         match=r"data/control.json: example 7 \(label 'long-one'\): \d+ tokens exceed the model's limit of 64",
     ):
         layout.example(example, "train", index=7)
+
+
+def test_layout_keeps_the_ids_of_recurring_pieces_but_tokenises_contents_every_time(llama3_tokenizer):
+    """The ids of template text and of the layout's own placeholder and acknowledgement are kept; a
+    message's content is tokenised on every layout, so keeping ids cannot grow with the data (nor make
+    the layout benchmark time a cache), and changing a returned piece cannot change a later one."""
+    fmt = ChatFormat(llama3_tokenizer)
+    layout = Layout(fmt)
+    backend, encoded = fmt._encoder._backend, []
+
+    class Recording:
+        encode_special_tokens = False
+
+        def encode(self, text, **kwargs):
+            encoded.append(text)
+            return backend.encode(text, **kwargs)
+
+    fmt._encoder._backend = Recording()
+    contents = [[f"Be pirate number {k}.", f"Hi {k}", f"Who is {k}?", f"Pirate {k}."] for k in range(3)]
+    examples = [Example(Record(system=s, stimulus_user=u, label="a"), q, a) for s, u, q, a in contents]
+    first = [layout.example(e, "train").as_json() for e in examples]
+    encoded.clear()
+    again = [layout.example(e, "train").as_json() for e in examples]
+    assert again == first
+    assert all(any(c in text for c in sum(contents, [])) for text in encoded)  # no template piece again
+    assert all(any(c in text for text in encoded) for c in sum(contents, []))  # every content again
+    rendered = fmt.render([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    _, pieces = fmt.tokenize(rendered)
+    expected = [list(p) for p in pieces]
+    for piece in pieces:
+        piece.clear()
+    assert fmt.tokenize(rendered)[1] == expected

@@ -1,7 +1,7 @@
 """The web playground (serve/playground/): its engine pieces against the engine's own read and
-score, and the page in Debian's Chromium against a real Serve app on loopback: token, dialog,
-read, score with baselines, layer map, a 422 next to its field, and a control with a side-by-side
-chat. Screenshots go to the test's tmp folder, and one to docs/figures/playground.png."""
+score, and the page in Debian's Chromium against a real Serve app on loopback: token, the dialog
+with the template's roles, read, score with baselines, layer map, a 422 next to its field and a 429
+in the banner, and a control with a two-turn side-by-side chat. Screenshots go to the test's tmp folder, and one to docs/figures/playground.png."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import pytest
 
 from conftest import browser_page
 from latentqa.paths import PROJECT_ROOT
+from latentqa_platform.serving import Overloaded
 from test_serve import TOKEN, decoder, served_app  # noqa: F401  (decoder: the session's trained one)
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -67,6 +68,7 @@ def app(ray_cluster, decoder):  # noqa: F811
         max_dialog_tokens=160,
         max_generated_tokens=600,
         max_scored_tokens=1200,
+        max_queued_controls=1,  # a second control job while one runs is a real 429
     )
     with served_app(settings, "latentqa-playground") as url:
         yield url
@@ -79,6 +81,8 @@ def test_the_page_is_open_and_the_api_is_not(app):
     assert httpx.get(f"{app}/v1/target", timeout=30).status_code == 401
     target = httpx.get(f"{app}/v1/target", headers=AUTH, timeout=30).json()
     assert target["layers"] >= 2 and target["questions"]
+    # the tiny model's template renders any role in a turn of its own (test_chat_format.py: others differ)
+    assert target["roles"] == ["system", "user", "assistant", "tool"] and target["system_placement"] == "own_turn"
 
 
 def test_layer_map_and_baselines_count_their_work(app):
@@ -112,6 +116,9 @@ def test_the_playground_reads_scores_maps_and_steers_in_a_browser(app, tmp_path)
         page.click("#add-turn")
         page.fill('textarea[aria-label="turn 2 content"]', "Bread, then cake.")
         assert page.locator(".turn").count() == 3
+        roles = httpx.get(f"{app}/v1/target", headers=AUTH, timeout=30).json()["roles"]
+        pickers = page.eval_on_selector_all(".turn select", "all => all.map(s => [...s.options].map(o => o.value))")
+        assert pickers == [roles] * 3  # what the target's template renders, on every turn
         page.click("#copy-json")
         assert json.loads(page.input_value("#dialog-json"))[2] == {"role": "assistant", "content": "Bread, then cake."}
         page.locator(".turn").nth(2).get_by_role("button", name="Remove").click()
@@ -158,13 +165,60 @@ def test_the_playground_reads_scores_maps_and_steers_in_a_browser(app, tmp_path)
         page.fill("#control-steps", "2")
         page.click("#start-control")
         page.locator("#control-status").filter(has_text="done").wait_for(timeout=120_000)
-        page.click("#chat-send")
-        page.locator('#chat-steered[data-done="true"]').wait_for(timeout=60_000)
-        page.locator('#chat-target[data-done="true"]').wait_for(timeout=60_000)
-        assert "latentqa-control-playground" in page.inner_text("#steered-title")
+        steered = page.inner_text("#steered-title").removeprefix("Steered (").removesuffix(")")
+        assert steered.startswith("latentqa-control-playground")
+
+        busy = httpx.post(
+            f"{app}/v1/controls", headers=AUTH, json={"name": "busy", "qa": [["Who?", "A baker."]], "steps": 1}
+        )
+        assert busy.status_code == 202  # the one control job the app runs at a time: the page's gets 429
+        page.click("#start-control")
+        page.locator("#banner").filter(has_text="429").wait_for(timeout=30_000)
+        assert f"Retry in {Overloaded.retry_after_s} s" in page.inner_text("#banner")
+        assert page.input_value("#control-text") == "Talk like a pirate in every reply."
+        assert page.input_value('textarea[aria-label="turn 0 content"]') == DIALOG[0]["content"]
+
+        chats = []  # the chat requests the page sends, and when each stream ends, in order
+        page.on("request", _chat_recorder(chats, "sent"))
+        page.on("requestfinished", _chat_recorder(chats, "ended"))
+        turns = ["Tell me about your day.", "And tomorrow?"]
+        for turn in turns:
+            page.fill("#chat-input", turn)
+            page.click("#chat-send")
+            page.locator('#chat-steered[data-done="true"]').wait_for(timeout=60_000)
+            page.locator('#chat-target[data-done="true"]').wait_for(timeout=60_000)
+            assert page.input_value("#chat-input") == ""
+        assert [kind for kind, _ in chats[:2]] == ["sent", "sent"]  # both sides stream at once
+        second = {body["model"]: body["messages"] for kind, body in chats[2:] if kind == "sent"}
+        for side, model in (("target", "target"), ("steered", steered)):
+            first_reply = page.locator(f"#chat-{side} p.assistant").first.text_content()
+            assert second[model] == [  # the shared user turns, and this side's own reply
+                {"role": "user", "content": turns[0]},
+                {"role": "assistant", "content": first_reply},
+                {"role": "user", "content": turns[1]},
+            ]
+            assert page.locator(f"#chat-{side} p").count() == 4
         assert page.locator("#banner").is_hidden()
         page.screenshot(path=str(tmp_path / "playground-steer.png"), full_page=True)
+        _wait_done(app, busy.json()["id"])  # not cut off when the app shuts down
     shutil.copy(tmp_path / "playground.png", PROJECT_ROOT / "docs" / "figures" / "playground.png")
+
+
+def _chat_recorder(chats: list, kind: str):
+    """A page event handler that notes each chat request's body under `kind`."""
+
+    def record(request) -> None:
+        if request.url.endswith("/v1/chat/completions"):
+            chats.append((kind, request.post_data_json))
+
+    return record
+
+
+def _wait_done(app: str, job_id: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{app}/v1/controls/{job_id}", headers=AUTH, timeout=30).json()["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"control job {job_id} still running after {timeout} s"
+        time.sleep(0.5)
 
 
 def _page_read_overhead(page, app: str, questions: list[str], reads: int = 10) -> str:

@@ -22,6 +22,8 @@ from transformers import PreTrainedTokenizerBase
 # The decoder answers as "reflect" where the template allows arbitrary roles: the published
 # decoder was trained that way (SPEC "Write side").
 DECODER_ROLE = "reflect"
+# The roles chat dialogs hold; `ChatFormat.dialog_roles` keeps those a template renders.
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 # Probe contents: plain words that no template rewrites and no real text contains.
 _PROBES = ("qzxprobeone", "qzxprobetwo", "qzxprobethree", "qzxprobefour")
 # The template variables by which chat templates switch a model's thinking on and off (Qwen3's
@@ -30,6 +32,8 @@ _PROBES = ("qzxprobeone", "qzxprobetwo", "qzxprobethree", "qzxprobefour")
 THINKING_SWITCHES = ("enable_thinking", "thinking")
 # How a reasoning target's reply opens its thought (SPEC "Data", case 4).
 THOUGHT_OPENING = "<think>"
+# How many recurring template pieces `_Encoder` keeps the ids of: a handful per dialog shape.
+RECURRING_PIECES_KEPT = 1024
 
 Message = dict[str, str]
 SystemPlacement = Literal["own_turn", "folded", "merged"]
@@ -99,12 +103,20 @@ class _Encoder:
         self._backend = backend
         self._plain_backend = None
         self._lock = threading.Lock()
+        self._recurring_ids = functools.lru_cache(maxsize=RECURRING_PIECES_KEPT)(
+            lambda text: tuple(self.template([text])[0])
+        )
 
     def template(self, texts: list[str]) -> list[list[int]]:
         if self._backend is None:
             return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         self._backend.encode_special_tokens = False  # the wrapper leaves it as its last call set it
         return [self._backend.encode(text, add_special_tokens=False).ids for text in texts]
+
+    def recurring(self, text: str) -> list[int]:
+        """`template` for text that recurs in every dialog of a shape (BOS, role headers, the layout's
+        placeholder and acknowledgement): over half of a layout's pieces, so their ids are kept."""
+        return list(self._recurring_ids(text))
 
     def plain(self, texts: list[str], turn_markup: frozenset[str]) -> list[list[int]]:
         backend = self._plain(turn_markup)
@@ -158,6 +170,28 @@ class ChatFormat:
         self.stop_ids = self._discover_stop_ids()
         self.turn_markup = self._discover_turn_markup()
         self._markup_text = _pattern(self.turn_markup)
+
+    @functools.cached_property
+    def dialog_roles(self) -> tuple[str, ...]:
+        """The CHAT_ROLES a dialog may hold: those whose content the template renders verbatim,
+        each probed where a dialog has it (a system prompt first, any other role after a user turn).
+        A system prompt is among them wherever `system_placement` can place it. Templates that
+        render any role name (Llama-3, Gemma) take others too, which are not listed."""
+        user = {"role": "user", "content": _PROBES[0]}
+        # quotes and a line break: a template that writes a role's content as JSON (Llama-3.1's
+        # tool turns) rewrites it
+        content = f'{_PROBES[1]} "{_PROBES[2]}"\n{_PROBES[3]}'
+        probes = {"system": [{"role": "system", "content": content}, user], "user": [user]}
+        roles = []
+        for role in CHAT_ROLES:
+            messages = probes.get(role) or [user, {"role": role, "content": content}]
+            try:
+                text = self._render_whole(messages, add_generation_prompt=False, generation_role=None, thinking=False)
+            except UnsupportedChatTemplate:  # the template refuses the role
+                continue
+            if all(self._as_rendered(m["content"]) in text for m in messages):
+                roles.append(role)
+        return tuple(roles)
 
     # ----- rendering -------------------------------------------------------------------
     def render_text(self, messages: list[Message], add_generation_prompt: bool = False, thinking: bool = False) -> str:
@@ -312,25 +346,34 @@ class ChatFormat:
             return []
         return self._encoder.plain(texts, self.turn_markup) if plain else self._encoder.template(texts)
 
-    def tokenize(self, rendered: RenderedDialog, cuts: list[int] = ()) -> tuple[list[int], list[list[int]]]:
+    def tokenize(
+        self, rendered: RenderedDialog, cuts: list[int] = (), fixed: tuple[int, ...] = ()
+    ) -> tuple[list[int], list[list[int]]]:
         """A rendered dialog cut at `cuts` and tokenised piece by piece: the piece bounds, and the
         pieces' token ids. Cutting first makes every cut an exact token boundary; the layout cuts
         at turn boundaries, so the ids are those of tokenising the whole text.
 
         A content holding the text of a turn-markup token is the exception: it is cut out and
-        encoded as plain text (`encode`), so that a message can never open or close a turn."""
+        encoded as plain text (`encode`), so that a message can never open or close a turn.
+
+        The contents of messages `fixed` are the same in every dialog (the layout's placeholder and
+        acknowledgement): pieces holding no other content recur, and their ids are kept."""
         text = rendered.text
         forged = [
             (a, b) for a, b in rendered.content_spans if self._markup_text and self._markup_text.search(text, a, b)
         ]
+        varying = [span for k, span in enumerate(rendered.content_spans) if k not in fixed]
         bounds = sorted({0, *cuts, *(b for span in forged for b in span), len(text)})
-        spans = list(zip(bounds, bounds[1:]))
-        plain = [any(a <= start and end <= b for a, b in forged) for start, end in spans]
-        ids = {
-            kind: iter(self.encode([text[a:b] for (a, b), p in zip(spans, plain) if p == kind], plain=kind))
-            for kind in (False, True)
-        }
-        return bounds, [next(ids[p]) for p in plain]
+        pieces = []
+        for start, end in zip(bounds, bounds[1:]):
+            piece = text[start:end]
+            if forged and any(a <= start and end <= b for a, b in forged):
+                pieces.append(self._encoder.plain([piece], self.turn_markup)[0])
+            elif any(start < b and a < end for a, b in varying):
+                pieces.append(self._encoder.template([piece])[0])
+            else:
+                pieces.append(self._encoder.recurring(piece))
+        return bounds, pieces
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
         """`messages` up to the assistant's generation prompt, as the target's input ids."""

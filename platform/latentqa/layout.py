@@ -132,7 +132,8 @@ class Layout:
         # train learns every decoder turn, score only the answer, generate nothing
         labelled = {"train": decoder_turns, "score": decoder_turns[-1:], "generate": []}[mode]
         label_spans = [(rendered.content_spans[k][0], rendered.turn_ends[k]) for k in labelled]
-        bounds, pieces = fmt.tokenize(rendered, [*placeholder, *(b for span in label_spans for b in span)])
+        cuts = [*placeholder, *(b for span in label_spans for b in span)]
+        bounds, pieces = fmt.tokenize(rendered, cuts, fixed=(0, 1))  # the placeholder and acknowledgement
         pieces[bounds.index(placeholder[0])] = fmt.placeholder_ids(n) if stand_in is None else stand_in
         at = _token_index(bounds, pieces)
         ids = [t for piece in pieces for t in piece]

@@ -5,8 +5,16 @@
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "latentqa-token";
-const ROLES = ["system", "user", "assistant"];
-const state = { dialog: [], targetName: "target", steered: null, readLayer: null };
+// The side-by-side chat: each side's model, by the pane it streams into.
+const CHAT_SIDES = { target: () => state.targetName, steered: () => state.steered };
+const state = {
+  dialog: [],
+  roles: [], // the roles the target's chat template renders (GET /v1/target)
+  systemPlacement: "own_turn",
+  targetName: "target",
+  steered: null,
+  conversation: [], // the side-by-side chat: [{ user, replies: { target, steered } }]
+};
 
 // ---------------------------------------------------------------- the API
 
@@ -111,7 +119,11 @@ function renderDialog() {
     row.className = "turn";
     const role = document.createElement("select");
     role.setAttribute("aria-label", `turn ${index} role`);
-    for (const name of new Set([...ROLES, message.role])) role.add(new Option(name, name, false, name === message.role));
+    // A turn keeps its own role even if the template's roles lack it (a pasted dialog): nothing
+    // changes behind the writer's back, and the API names what it refuses.
+    for (const name of new Set([...state.roles, message.role])) {
+      role.add(new Option(roleLabel(name), name, false, name === message.role));
+    }
     role.onchange = () => { message.role = role.value; };
     const content = document.createElement("textarea");
     content.rows = 2;
@@ -129,6 +141,11 @@ function renderDialog() {
     row.append(role, content, remove, error);
     turns.append(row);
   });
+}
+
+function roleLabel(role) {
+  if (role !== "system" || state.systemPlacement === "own_turn") return role;
+  return "system (inside the first user turn)"; // the template has no system turn of its own
 }
 
 function addTurn() {
@@ -284,14 +301,41 @@ async function startControl() {
   if (job.status === "succeeded") {
     state.steered = job.adapter;
     $("steered-title").textContent = `Steered (${job.adapter})`;
+    newConversation(); // a new steered model starts the comparison afresh
   }
 }
 
-// One streamed chat completion into `out`, parsing the server-sent events as they arrive.
-async function streamChat(model, out) {
-  out.textContent = "";
+// One side's conversation as its model sees it: the shared user turns, the side's own replies.
+function history(side) {
+  return state.conversation.flatMap(({ user, replies }) => [
+    { role: "user", content: user },
+    { role: "assistant", content: replies[side] },
+  ]);
+}
+
+// Draws a side's conversation so far and the user's new turn; returns where its reply goes.
+function drawSide(side, user) {
+  const pane = $(`chat-${side}`);
+  pane.dataset.done = "";
+  const say = (role, text) => {
+    const p = document.createElement("p");
+    p.className = role;
+    p.textContent = text;
+    pane.append(p);
+    return p;
+  };
+  pane.replaceChildren();
+  for (const turn of state.conversation) { say("user", turn.user); say("assistant", turn.replies[side]); }
+  say("user", user);
+  return say("assistant", "");
+}
+
+// One side's reply to `user`, streamed into its pane as the server-sent events arrive.
+async function streamChat(side, user) {
+  const out = drawSide(side, user);
   const response = await api("POST", "/v1/chat/completions", {
-    model, messages: [{ role: "user", content: $("chat-input").value }], stream: true, max_tokens: 48,
+    model: CHAT_SIDES[side](), messages: [...history(side), { role: "user", content: user }], stream: true,
+    max_tokens: 48,
   });
   const reader = response.body.getReader();
   const utf8 = new TextDecoder();
@@ -310,14 +354,25 @@ async function streamChat(model, out) {
       out.textContent += chunk.choices[0].delta.content || "";
     }
   }
-  out.dataset.done = "true";
+  $(`chat-${side}`).dataset.done = "true";
+  return out.textContent;
 }
 
+// Both sides stream at once. The turn joins the conversation only when every side has answered,
+// so the sides keep the same user turns; after a failure the message stays in the box to resend.
 async function chat() {
-  $("chat-target").dataset.done = $("chat-steered").dataset.done = "";
-  const sides = [streamChat(state.targetName, $("chat-target"))];
-  if (state.steered) sides.push(streamChat(state.steered, $("chat-steered")));
-  await Promise.all(sides);
+  const user = $("chat-input").value;
+  const sides = state.steered ? ["target", "steered"] : ["target"];
+  const answers = await Promise.allSettled(sides.map((side) => streamChat(side, user)));
+  const failed = answers.find((answer) => answer.status === "rejected");
+  if (failed) throw failed.reason;
+  state.conversation.push({ user, replies: Object.fromEntries(sides.map((side, i) => [side, answers[i].value])) });
+  $("chat-input").value = "";
+}
+
+function newConversation() {
+  state.conversation = [];
+  for (const side of Object.keys(CHAT_SIDES)) $(`chat-${side}`).replaceChildren();
 }
 
 // ---------------------------------------------------------------- start
@@ -329,6 +384,9 @@ async function loadChoices() {
   layers.replaceChildren(layers.options[0]);
   for (let layer = 0; layer < target.layers; layer++) layers.add(new Option(String(layer), String(layer)));
   state.targetName = target.name;
+  state.roles = target.roles;
+  state.systemPlacement = target.system_placement;
+  renderDialog();
   $("target-title").textContent = `Target (${target.name})`;
   if (!$("questions").value) $("questions").value = target.questions.join("\n");
   if (!$("score-question").value) $("score-question").value = target.questions[0];
@@ -354,6 +412,7 @@ function start() {
   $("add-turn").onclick = addTurn;
   $("paste-json").onclick = pasteDialog;
   $("copy-json").onclick = copyDialog;
+  $("chat-new").onclick = newConversation;
   for (const [id, work] of [["read", read], ["score", score], ["layer-map", layerMap],
     ["start-control", startControl], ["chat-send", chat]]) {
     $(id).onclick = () => action($(id), work);
