@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import pytest
+
 from latentqa.paths import PROJECT_ROOT
 
 KEYS = {"name", "measured", "baseline", "unit", "ratio", "target", "met", "details"}
@@ -102,3 +104,33 @@ def test_preset_path_runs_on_cpu(tmp_path):
     rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert set(rows) == {"gpu train step", "gpu MFU", "gpu read latency", "gpu peak memory"}
     assert rows["gpu train step"]["measured"] > 0 and 0 < rows["gpu MFU"]["ratio"]
+
+
+def test_smollm2_preset_runs_the_engine_figures_on_the_configured_model(tmp_path, monkeypatch):
+    """`--preset smollm2` wiring, with the offline tiny model's config standing in for SmolLM2's:
+    the figures run on the config's session and held-out dialog, with issue 18's targets."""
+    from latentqa.config import load_config
+    from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN
+    from latentqa.reading import dialog_to_read
+    from latentqa.session import layout_for
+    from latentqa_platform import benchmarks as bm
+
+    config = tmp_path / "stand-in.yaml"
+    config.write_text(
+        f"model: {{path: {OFFLINE_MODEL}, weights: random}}\npatch: {{read_layer: 1}}\n"
+        f"data: {{train: {{path: {OFFLINE_TRAIN}}}, eval: {{path: {OFFLINE_HELDOUT}}}}}\n"
+    )
+    monkeypatch.setattr(bm, "SMOLLM2_CONFIG", config)
+    job, out = _job(), tmp_path / "smollm2"
+    sizes = ["--repeats", "1", "--questions", "2", "--new-tokens", "2", "--batch-size", "2"]
+    argv = ["--preset", "smollm2", "--only", "early_exit", "read", *sizes, "--output", str(out)]
+    assert job.main(argv) == 0
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(rows) == {"early exit", "read overhead"}
+    assert rows["read overhead"]["target"] == "<= 1.05x"
+    assert "(+-10%)" in rows["early exit"]["target"] and rows["early exit"]["details"]["read_layer"] == 1
+    dialog, _ = bm.heldout_read(OFFLINE_HELDOUT)  # the held-out dialog is read, not the synthetic one
+    read_side = layout_for(load_config(config)).read_side(dialog_to_read(dialog))
+    assert rows["read overhead"]["details"]["read_tokens"] == len(read_side.ids)
+    with pytest.raises(SystemExit, match="not layout"):
+        job.main(["--preset", "smollm2", "--only", "layout", "--output", str(out)])

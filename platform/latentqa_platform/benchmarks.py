@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from latentqa.paths import FETCHED_TOKENIZERS, OFFLINE_TRAIN, PAPER_DATA, PROJECT_ROOT
+from latentqa.paths import FETCHED_TOKENIZERS, OFFLINE_HELDOUT, OFFLINE_TRAIN, PAPER_DATA, PROJECT_ROOT
 
 LLAMA3_TOKENIZER = FETCHED_TOKENIZERS / "llama-3.1"
 PAPER_TRAIN = PAPER_DATA / "train"
+SMOLLM2_CONFIG = PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml"
 QUESTIONS = [
     "What type of persona will the assistant adopt?",
     "What is the assistant trying to do?",
@@ -207,6 +208,33 @@ def random_session(size: ModelSize, tokenizer: Path, read_layer: int, **engine):
         return LatentQA.load(config, train_decoder=True)
 
 
+def config_session(config_path: Path, device: str = "cpu", dtype: str | None = None, **train):
+    """A LatentQA session over the real model of a config file (its tokenizer, chat template,
+    read layer and data), with a new trainable decoder in place of the shipped one: the figures
+    time the computation, which the adapter's values do not change."""
+    from latentqa.config import load_config
+    from latentqa.session import LatentQA
+
+    model = {"decoder_adapter": None, "device": device, **({"dtype": dtype} if dtype else {})}
+    config = load_config(config_path, overrides={"model": model, "train": {"eval_every": 0, **train}})
+    return LatentQA.load(config, train_decoder=True)
+
+
+def heldout_read(folder: Path, questions: int = 15) -> tuple[list[dict], list[str]]:
+    """A real read: the first held-out dialog of a user's message and the target's own reply (no
+    system prompt, so a template's default one applies), and the first `questions` distinct
+    questions of the held-out QA file."""
+    from latentqa.data import QA_FILE, load_qa, load_records
+
+    record = load_records(folder / "stimulus_completion.json")[0]
+    dialog = [
+        {"role": "user", "content": record.stimulus_user},
+        {"role": "assistant", "content": record.stimulus_model},
+    ]
+    asked = dict.fromkeys(q for pairs in load_qa(folder / QA_FILE).values() for q, _ in pairs)
+    return dialog, list(asked)[:questions]
+
+
 def vocabulary_size(tokenizer: Path) -> int:
     from transformers import AutoTokenizer
 
@@ -220,36 +248,54 @@ def no_stop(lqa):
     return dataclasses.replace(lqa, chat_format=fmt)
 
 
-def train_batch(lqa, batch_size: int, seed: int = 0):
+def example_batch(layout, data, batch_size: int, seed: int = 0):
+    """`batch_size` seeded examples of the `data` set (a DatasetSpec), laid out for training."""
     import random
 
-    from latentqa.data import DatasetSpec, load_examples
+    from latentqa.data import load_examples
+    from latentqa.layout import collate
 
-    examples = load_examples(DatasetSpec(path=OFFLINE_TRAIN))
+    examples = load_examples(data)
     random.Random(seed).shuffle(examples)
-    return lqa.collate(lqa.lay_out(examples[:batch_size], "train"))
+    return collate(
+        [layout.example(e, "train", i) for i, e in enumerate(examples[:batch_size])], layout.chat_format.pad_id
+    )
+
+
+def train_batch(lqa, batch_size: int, seed: int = 0):
+    """A batch of the session's own training set, on its device."""
+    return example_batch(lqa.layout, lqa.config.data.train, batch_size, seed).to(lqa.device)
 
 
 # ---------------------------------------------------------------- 1. read overhead
 
 
-def read_overhead(lqa, repeats: int, questions: int = 15, max_new_tokens: int = 64) -> dict:
+def read_overhead(
+    lqa,
+    repeats: int,
+    questions: int = 15,
+    max_new_tokens: int = 64,
+    dialog: list[dict] = DIALOG,
+    asked: list[str] = QUESTIONS,
+    limit: float = 1.25,
+) -> dict:
     """Patched read (one dialog x Q questions x T new tokens, the engine's `read`, layout
-    included) vs HF's KV-cached `generate` of the same decoder on the same write prompts."""
+    included) vs HF's KV-cached `generate` of the same decoder on the same write prompts.
+    The questions are the first Q of `asked`, repeated as needed."""
     from latentqa.layout import LaidOutExample
     from latentqa.models import DECODER
     from latentqa.reading import dialog_to_read, read
 
     lqa = no_stop(lqa)
-    qs = (QUESTIONS * (questions // len(QUESTIONS) + 1))[:questions]
-    read_side = lqa.layout.read_side(dialog_to_read(DIALOG))
+    qs = (asked * (questions // len(asked) + 1))[:questions]
+    read_side = lqa.layout.read_side(dialog_to_read(dialog))
     n = read_side.patched_span[1] - read_side.patched_span[0]
     batch = lqa.collate([LaidOutExample(read_side, lqa.layout.write_side(n, q, None, "generate")) for q in qs])
     peft = lqa.model.peft_model
     produced = {}
 
     def patched_read():
-        produced["read"] = read(lqa, [DIALOG], qs, max_new_tokens=max_new_tokens, batch_size=max(16, questions))
+        produced["read"] = read(lqa, [dialog], qs, max_new_tokens=max_new_tokens, batch_size=max(16, questions))
 
     def plain_generate():
         with lqa.model.evaluating(), lqa.model.adapters.use(DECODER):
@@ -267,12 +313,13 @@ def read_overhead(lqa, repeats: int, questions: int = 15, max_new_tokens: int = 
     return _timed_row(
         "read overhead",
         times,
-        1.25,
-        "<= 1.25x",
+        limit,
+        f"<= {limit:g}x",
         questions=questions,
         new_tokens=max_new_tokens,
         generate_new_tokens=produced["generate"],
         prompt_tokens=int(batch.write_ids.shape[1]),
+        read_tokens=len(read_side.ids),
     )
 
 
@@ -417,18 +464,18 @@ def early_exit(lqa, repeats: int, batch_size: int = 8, tolerance: float = 0.2) -
 # ---------------------------------------------------------------- 4b. evaluation suite
 
 
-def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> dict:
+def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16, heldout: Path = OFFLINE_HELDOUT) -> dict:
     """The suite's multiple-choice identification (`multiple_choice`: layout, one target pass per
     dialog batch, every candidate scored under the five conditions) vs the sum of its bare
     forwards on the same batches, laid out beforehand: the target's blocks 0..L per dialog batch,
     and per candidate batch the decoder's (or, for prompting, the target's) forward with the LM
-    head on the labelled positions only; no hooks, no patching, no layout."""
+    head on the labelled positions only; no hooks, no patching, no layout. The first `items`
+    items of the `heldout` folder."""
     from latentqa.identification import CONDITIONS, choice_items, condition_write_side, multiple_choice, scoring_batches
     from latentqa.layout import IGNORE_INDEX, LaidOutExample
     from latentqa.patching import positions
-    from latentqa.paths import OFFLINE_HELDOUT
 
-    chosen = choice_items(OFFLINE_HELDOUT, k=4)[:items]
+    chosen = choice_items(heldout, k=4)[:items]
     layer = lqa.config.patch.read_layer
     reads = [lqa.layout.read_side(item.dialog) for item in chosen]
     first = [
@@ -493,11 +540,12 @@ def suite_overhead(lqa, repeats: int, items: int = 16, batch_size: int = 16) -> 
 
 
 def layout_throughput(
-    repeats: int, examples: int = 300, data: Path = PAPER_TRAIN, tokenizer: Path = LLAMA3_TOKENIZER, floor: float = 0.5
+    repeats: int, examples: int = 300, data: Path = PAPER_TRAIN, tokenizer: Path = LLAMA3_TOKENIZER, floor: float = 0.9
 ) -> dict:
     """Examples/s of the engine's layout (train mode) vs bare tokenizer calls on the same strings
     (each example's rendered read dialog and decoder dialog, one call per example, as the layout
-    makes one per side)."""
+    makes one per side). The bare calls must give the layout's ids, with one `?` where the
+    placeholders go: otherwise the two would not tokenise the same text."""
     import random
 
     from transformers import AutoTokenizer
@@ -523,6 +571,13 @@ def layout_throughput(
             {"role": role, "content": ex.answer},
         ]
         texts.append([read_text, fmt.render(write).text])
+        laid = layout.example(ex, "train")
+        start, end = laid.write.patched_span
+        write_ids = [*laid.write.ids[:start], fmt.placeholder_first_id, *laid.write.ids[end:]]
+        if tok(texts[-1], add_special_tokens=False)["input_ids"] != [laid.read.ids, write_ids]:
+            raise RuntimeError(
+                f"layout benchmark: the bare tokenizer's ids differ from the layout's ({ex.record.label})"
+            )
 
     def engine():
         for ex in chosen:
@@ -588,23 +643,24 @@ def _rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) -> dict:
-    """One training setup, in this (fresh) process: its peak RSS after `steps` train steps."""
+def memory_setup(setup: str, config_file: str, batch_file: str, steps: int = 2) -> dict:
+    """One training setup, in this (fresh) process: its peak RSS after `steps` train steps of the
+    saved batch, with the model, LoRA settings and read layer of the saved LatentQA config."""
     import torch.nn.functional as F
     from peft import get_peft_model
 
-    from latentqa.config import LoraSettings, ModelConfig
+    from latentqa.config import LatentQAConfig
+    from latentqa.layout import Batch
     from latentqa.models import AdapterSet, _lora_config, load_base
     from latentqa.patching import LatentQAModel
     from latentqa.strategy import Strategy, StrategyConfig
 
     torch.set_num_threads(1)  # more threads than free cores stall on a shared machine
     after_import = _rss_mb()
-    cfg = ModelConfig(path=model_dir, weights="random", device="cpu")
-    lora = LoraSettings()
+    config = LatentQAConfig.model_validate_json(Path(config_file).read_text())
+    cfg, lora, read_layer = config.model, config.lora, config.patch.read_layer
     base = load_base(cfg)
-    vocab = base.config.vocab_size
-    batch = _synthetic_batch(vocab, 1, 32, 24, 8)
+    batch = Batch(**torch.load(batch_file))
     n_params = sum(p.numel() for p in base.parameters())
 
     def loss_of(model, ids, attention, labels):
@@ -654,12 +710,35 @@ def memory_setup(setup: str, model_dir: str, read_layer: int, steps: int = 2) ->
     return {"setup": setup, "peak_rss_mb": _rss_mb(), "after_import_mb": after_import, "base_parameters": n_params}
 
 
-def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | None = None, limit: float = 1.15) -> dict:
+def memory(
+    repeats: int,
+    size: ModelSize = MEMORY_DEFAULT,
+    read_layer: int | None = None,
+    limit: float = 1.15,
+    config=None,
+    batch_size: int = 4,
+) -> dict:
     """Peak RSS of the engine's training setup vs one base model + adapter + optimizer, each in a
-    fresh subprocess (interleaved: engine, floor, two copies, engine, ...); also vs two copies."""
-    layer = size.layers // 2 if read_layer is None else read_layer
+    fresh subprocess (interleaved: engine, floor, two copies, engine, ...); also vs two copies.
+    The model: a random Llama of `size` on a synthetic batch of one example; or, given a LatentQA
+    `config`, its model (on the CPU) and LoRA settings on `batch_size` of its training examples."""
+    from latentqa.config import load_config
+    from latentqa.session import layout_for
+
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = write_model_dir(size, size.vocab or 32000, Path(tmp))
+        if config is None:
+            vocab = size.vocab or 32000
+            model_dir = write_model_dir(size, vocab, Path(tmp) / "model")
+            model = {"path": str(model_dir), "weights": "random", "device": "cpu"}
+            layer = size.layers // 2 if read_layer is None else read_layer
+            config = load_config(overrides={"model": model, "patch": {"read_layer": layer}})
+            batch = _synthetic_batch(vocab, 1, 32, 24, 8)
+        else:
+            config = config.model_copy(update={"model": config.model.model_copy(update={"device": "cpu"})})
+            batch = example_batch(layout_for(config), config.data.train, batch_size)
+        config_file, batch_file = Path(tmp) / "config.json", Path(tmp) / "batch.pt"
+        config_file.write_text(config.model_dump_json())
+        torch.save(vars(batch), batch_file)
         peaks: dict[str, list[dict]] = {"engine": [], "base+adapter": [], "two copies": []}
         for _ in range(repeats):
             for setup in peaks:
@@ -674,8 +753,8 @@ def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | Non
                         "latentqa_platform.benchmarks",
                         "memory-setup",
                         setup,
-                        str(model_dir),
-                        str(layer),
+                        str(config_file),
+                        str(batch_file),
                     ],
                     capture_output=True,
                     text=True,
@@ -707,6 +786,8 @@ def memory(repeats: int, size: ModelSize = MEMORY_DEFAULT, read_layer: int | Non
         ratio_vs_two_copies=paired_ratio(engine, two),
         after_import_mb=imports,
         net_ratio_above_imports=net,
+        read_layer=config.patch.read_layer,
+        batch_tokens=int(batch.read_attention.sum() + batch.write_attention.sum()),
         repeats=repeats,
     )
 
@@ -1172,6 +1253,6 @@ def plot(rows: list[dict], out: Path) -> Path | None:
 
 if __name__ == "__main__":  # the memory subprocesses
     if sys.argv[1] == "memory-setup":
-        print(json.dumps(memory_setup(sys.argv[2], sys.argv[3], int(sys.argv[4]))))
+        print(json.dumps(memory_setup(*sys.argv[2:5])))
     elif sys.argv[1] == "fsdp-loading-rank":
         print(json.dumps(fsdp_loading_rank(*sys.argv[2:5], int(sys.argv[5]), sys.argv[6])))
