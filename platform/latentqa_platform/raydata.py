@@ -12,6 +12,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import ray
@@ -30,8 +31,13 @@ from latentqa.data import (
     parse_records,
     read_dialog,
 )
-from latentqa.layout import LaidOutExample, Layout, LayoutError, ReadSide, WriteSide
-from latentqa.session import layout_for
+
+if TYPE_CHECKING:
+    from latentqa.layout import LaidOutExample, Layout
+
+# Ray Data's workers import this module to run its functions. The engine's layout (torch,
+# transformers, peft: ~10 s of imports per worker process on 2 cores) is imported only by the
+# functions that lay out, so a job start's read-and-validate tasks stay light.
 
 _joined = False  # whether `connect` joined the cluster; a caller already connected keeps its connection
 
@@ -90,9 +96,8 @@ def _present(folder: Path, name: str) -> Path | None:
     return None
 
 
-def read_set(spec: DatasetSpec, name: str) -> DataSet:
-    """One set (a folder of the paper's files, or their .jsonl twins), validated and expanded,
-    with `filter` and `train_percent` applied; raises DataError naming file, record and field."""
+def _located(spec: DatasetSpec) -> tuple[str, list[str]]:
+    """A set's QA file and record files (each the file or its .jsonl twin); raises DataError where missing."""
     folder = Path(spec.path)
     qa_path = _present(folder, QA_FILE)
     if qa_path is None:
@@ -100,21 +105,53 @@ def read_set(spec: DatasetSpec, name: str) -> DataSet:
     record_paths = [p for p in (_present(folder, f) for f in spec.files) if p is not None]
     if not record_paths:
         raise DataError(f"{folder}: none of {', '.join(spec.files)} (or .jsonl) found")
+    return str(qa_path), [str(p) for p in record_paths]
 
-    files = ray.data.read_binary_files([str(p) for p in [qa_path, *record_paths]], include_paths=True).materialize()
-    hashes = {_file_path(r): hashlib.sha256(r["bytes"]).hexdigest() for r in files.iter_rows()}
-    qa_row = next(r for r in files.iter_rows() if _file_path(r) == str(qa_path))
-    qa = parse_qa(parse_json_or_jsonl(qa_row["bytes"], str(qa_path)), str(qa_path))
 
-    examples = files.filter(lambda r: _file_path(r) != str(qa_path)).flat_map(
-        _examples_of_file, fn_kwargs={"qa": qa, "exclude": tuple(spec.filter)}
-    )
-    examples = examples.random_shuffle(seed=spec.seed).materialize()  # runs the checks now
-    if spec.train_percent < 1.0:
-        examples = examples.limit(round(examples.count() * spec.train_percent)).materialize()
-    if examples.count() == 0:
-        raise DataError(f"{folder}: no examples in the {name} set")
-    return DataSet(examples, hashes)
+@dataclass
+class _ReadSet:
+    spec: DatasetSpec
+    name: str
+    examples: ray.data.Dataset  # lazy: validated, expanded, shuffled and sampled when first executed
+    files: dict[str, str]  # path -> sha256
+
+    def checked(self, examples: ray.data.Dataset) -> ray.data.Dataset:
+        """`examples` (derived from this set's) executed, and refused when there are none."""
+        examples = examples.materialize()
+        if examples.count() == 0:
+            raise DataError(f"{Path(self.spec.path)}: no examples in the {self.name} set")
+        return examples
+
+
+def _read_sets(specs: dict[str, DatasetSpec]) -> dict[str, _ReadSet]:
+    """Each named set's files read, and its examples as a lazy pipeline, so that a caller runs a
+    set's validation and whatever follows it as one Ray Data execution. All sets' files are
+    checked to be present before any is read."""
+    located = {name: _located(spec) for name, spec in specs.items()}
+    sets = {}
+    for name, spec in specs.items():
+        qa_path, record_paths = located[name]
+        # One read per set: the blocks, and so the seeded shuffle's order, depend only on the set's own files.
+        files = ray.data.read_binary_files([qa_path, *record_paths], include_paths=True).materialize()
+        hashes = {_file_path(r): hashlib.sha256(r["bytes"]).hexdigest() for r in files.iter_rows()}
+        qa_row = next(r for r in files.iter_rows() if _file_path(r) == qa_path)
+        qa = parse_qa(parse_json_or_jsonl(qa_row["bytes"], qa_path), qa_path)
+        examples = files.filter(lambda r, qa_path=qa_path: _file_path(r) != qa_path).flat_map(
+            _examples_of_file, fn_kwargs={"qa": qa, "exclude": tuple(spec.filter)}
+        )
+        examples = examples.random_shuffle(seed=spec.seed)
+        if spec.train_percent < 1.0:
+            examples = examples.materialize()  # counted before it is cut
+            examples = examples.limit(round(examples.count() * spec.train_percent))
+        sets[name] = _ReadSet(spec, name, examples, hashes)
+    return sets
+
+
+def read_set(spec: DatasetSpec, name: str) -> DataSet:
+    """One set (a folder of the paper's files, or their .jsonl twins), validated and expanded,
+    with `filter` and `train_percent` applied; raises DataError naming file, record and field."""
+    [read] = _read_sets({name: spec}).values()
+    return DataSet(read.checked(read.examples), read.files)
 
 
 _LAYOUTS: dict[str, Layout] = {}
@@ -122,6 +159,8 @@ _LAYOUTS: dict[str, Layout] = {}
 
 def _layout(config_json: str) -> Layout:
     """The engine's Layout for the target's tokenizer, built once per Ray worker process."""
+    from latentqa.session import layout_for
+
     if config_json not in _LAYOUTS:
         _LAYOUTS[config_json] = layout_for(LatentQAConfig.model_validate_json(config_json))
     return _LAYOUTS[config_json]
@@ -146,13 +185,16 @@ def _lay_out_batch(batch: pa.Table, config_json: str) -> pa.Table:
 
 
 def lay_out(examples: ray.data.Dataset, config: LatentQAConfig) -> ray.data.Dataset:
+    """Lazy: the examples as the engine's token layout, in list columns."""
     return examples.map_batches(
         _lay_out_batch, batch_format="pyarrow", batch_size=256, fn_kwargs={"config_json": config.model_dump_json()}
-    ).materialize()
+    )
 
 
 def laid_out_examples(table: pa.Table) -> list[LaidOutExample]:
     """Rows of the laid-out dataset back into the engine's `LaidOutExample`s."""
+    from latentqa.layout import LaidOutExample, ReadSide, WriteSide
+
     return [
         LaidOutExample(
             ReadSide(r["read_ids"], tuple(r["read_masked_span"]), tuple(r["read_patched_span"])),
@@ -168,6 +210,8 @@ def data_error(err: BaseException) -> Exception | None:
     Ray Data re-raises a task's error as RayTaskError(UserCodeException) whose chain may not
     hold the original across processes; its message always quotes the remote traceback.
     """
+    from latentqa.layout import LayoutError
+
     seen = set()
     while err is not None and id(err) not in seen:
         seen.add(id(err))
@@ -198,18 +242,24 @@ class TrainingSets:
 
 def training_sets(config: LatentQAConfig, workers: int) -> TrainingSets:
     """Read, check and lay out the train and held-out sets before any worker starts; raises
-    DataError naming file, record and field (Ray may wrap it: `data_error` finds it)."""
-    train = read_set(config.data.train, "train")
-    held_out = read_set(config.data.eval, "eval") if config.data.eval else None
-    laid_out = lay_out(train.examples, config)
-    count = laid_out.count()
-    eval_examples = held_out.examples if held_out else None
-    if eval_examples is not None and config.train.eval_batches:
-        eval_examples = eval_examples.limit(config.train.eval_batches * config.train.batch_size).materialize()
+    DataError naming file, record and field (Ray may wrap it: `data_error` finds it). Past reading
+    its files, each set runs as one Ray Data execution: validated, expanded, shuffled and laid out
+    (train) or cut to the evaluated batches (eval)."""
+    specs = {"train": config.data.train, **({"eval": config.data.eval} if config.data.eval else {})}
+    sets = _read_sets(specs)
+    train = sets["train"].checked(lay_out(sets["train"].examples, config))
+    count = train.count()
     if count < workers:
         raise DataError(f"{config.data.train.path}: {count} train examples for {workers} workers")
-    files = {**train.files, **(held_out.files if held_out else {})}
-    return TrainingSets(laid_out, eval_examples, count, count // workers, files, train.files)
+    held_out = sets.get("eval")
+    eval_examples = None
+    if held_out is not None:
+        eval_examples = held_out.examples
+        if config.train.eval_batches:
+            eval_examples = eval_examples.limit(config.train.eval_batches * config.train.batch_size)
+        eval_examples = held_out.checked(eval_examples)
+    files = {path: sha for read in sets.values() for path, sha in read.files.items()}
+    return TrainingSets(train, eval_examples, count, count // workers, files, sets["train"].files)
 
 
 def held_out_dialog(eval_examples: ray.data.Dataset) -> list[dict]:
