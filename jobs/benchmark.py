@@ -143,7 +143,7 @@ def engine_rows(args, names: list[str]) -> list[dict]:
 
 def platform_rows(args, names: list[str]) -> list[dict]:
     rows = []
-    bm.start_ray(num_cpus=6)  # the serve figure runs three apps (1.5 CPUs each)
+    bm.start_ray(num_cpus=4)
     if "ray" in names:
         config = load_config(
             overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}}

@@ -59,26 +59,14 @@ def application(settings: ServeSettings, model=ModelReplica, steering=Steering, 
     args = settings.model_dump(mode="json")
     # Bounded queues: past them Serve refuses a request (503) instead of letting it wait unseen.
     model, gateway = (d.options(max_queued_requests=settings.max_queued_requests) for d in (model, gateway))
-    model, gateway = _with_env(model, MODEL_ENV), _with_env(gateway, GATEWAY_ENV)
     if not settings.verbose:
-        model, steering, gateway = (_with_env(d, console.QUIET_REPLICA_ENV) for d in (model, steering, gateway))
+        model, steering, gateway = (_quiet(d) for d in (model, steering, gateway))
     return gateway.bind(model.bind(args), steering.bind(args), args)
 
 
-# Serve's own latency switches (its "throughput optimized" mode, one deployment at a time; see
-# docs/benchmarks.md "Serve overhead"). Each Serve hop otherwise passes a request between two
-# event loops on two threads. The model and the gateway never block their loop (model work runs
-# on the replica's one model thread; registry calls go to threads), so their code runs on the
-# replica's own loop; the gateway's handle routes on that loop too, and calls the model over
-# Serve's direct gRPC channel rather than as Ray actor tasks. Steering keeps Serve's defaults:
-# its `submit` blocks on MLflow.
-MODEL_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
-GATEWAY_ENV = {**MODEL_ENV, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0", "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1"}
-
-
-def _with_env(deployment: serve.Deployment, env: dict[str, str]) -> serve.Deployment:
-    """The deployment with `env` added to its actors' environment (a caller's own values win)."""
+def _quiet(deployment: serve.Deployment) -> serve.Deployment:
+    """The deployment with `console.QUIET_REPLICA_ENV` added to its actors' environment."""
     options = dict(deployment.ray_actor_options or {})
     runtime_env = dict(options.get("runtime_env") or {})
-    runtime_env["env_vars"] = {**env, **runtime_env.get("env_vars", {})}
+    runtime_env["env_vars"] = {**console.QUIET_REPLICA_ENV, **runtime_env.get("env_vars", {})}
     return deployment.options(ray_actor_options={**options, "runtime_env": runtime_env})

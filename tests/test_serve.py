@@ -721,28 +721,6 @@ def test_serve_deploy_of_the_config_file(app, ray_cluster, decoder, tmp_path):
         serve.delete("deployed")
 
 
-def test_the_gateway_and_model_run_on_serves_fast_path_and_a_callers_env_wins():
-    """The gateway and the model run their code on the replica's own loop, and the gateway calls
-    the model over gRPC (the app the tests above serve); Steering, which blocks, keeps Serve's
-    defaults; a caller's own env_vars win over the app's."""
-    from latentqa_platform.serving import ServeSettings
-    from serve.app import Gateway, application
-
-    mine = {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}
-    app = application(
-        ServeSettings(decoders={"x": "/nowhere"}, auth="none"),
-        gateway=Gateway.options(ray_actor_options={"runtime_env": {"env_vars": mine}}),
-    )
-    gateway = app._bound_deployment
-    model, steering = (bound._bound_deployment for bound in gateway.init_args[:2])
-    env = {d.name: d.ray_actor_options["runtime_env"]["env_vars"] for d in (gateway, model, steering)}
-    assert env["ModelReplica"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
-    assert env["Gateway"]["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] == "0"
-    assert env["Gateway"]["RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP"] == "0"
-    assert env["Gateway"]["RAY_SERVE_USE_GRPC_BY_DEFAULT"] == "0", "the caller's value"
-    assert not any(key.startswith("RAY_SERVE_RUN_") for key in env["Steering"])
-
-
 def test_build_app_refuses_a_decoder_of_another_target_in_one_line(tmp_path):
     from latentqa.model_files import TARGET_FILE
     from serve.app import build_app
