@@ -82,8 +82,8 @@ def serve_benchmarks(
     requests: int = 20,
     clients: int = 16,
     max_new_tokens: int = 8,
-    overhead_ms: float = 30.0,
-    speedup: float = 2.0,
+    overhead_ms: float = 10.0,
+    speedup: float = 4.0,
 ) -> list[dict]:
     """/v1/read over HTTP on loopback vs the engine's `read` in this process (p50 overhead), and
     throughput with `clients` concurrent clients of an app batching up to `clients` reads vs the

@@ -206,7 +206,9 @@ class Gateway:
             raise err from None
 
     async def _decoder(self, name: str | None) -> str:
-        return await asyncio.to_thread(self.decoders.locate, name or self.settings.decoder_name(), "decoder")
+        ref = name or self.settings.decoder_name()
+        # A configured folder resolves in place; only a registry lookup is worth a thread hop.
+        return self.decoders.configured(ref) or await asyncio.to_thread(self.decoders.locate, ref, "decoder")
 
     @api.get("/healthz", tags=["ops"])
     async def healthz(self) -> dict:

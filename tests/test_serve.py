@@ -534,6 +534,24 @@ def test_control_from_an_instruction(client):
     assert job["adapter"].startswith("latentqa-control-pirate-read/")
 
 
+@pytest.mark.parametrize(
+    "error, shown",
+    [
+        ("No such file or directory: '/srv/app/prompts.json'", "No such file or directory: '…/prompts.json'"),
+        ("cannot open '/home/my user/secret dir/x.json'", "cannot open '…/x.json'"),
+        ("store at file:///srv/runs/mlflow.db is locked", "store at file://…/mlflow.db is locked"),
+        ("see /srv/a/b.json, and /tmp", "see …/b.json, and /tmp"),
+        # the client's own references stay whole
+        ("no version models:/latentqa-decoder/3 (runs:/abc/adapter)", None),
+        ("GET http://registry:5000/api/2.0/get failed; ratio 1/2/3", None),
+    ],
+)
+def test_a_failed_jobs_error_cuts_server_paths_only(error, shown):
+    from latentqa_platform.controls import without_server_paths
+
+    assert without_server_paths(error) == (shown or error)
+
+
 def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path, monkeypatch):
     """The Steering deployment's class in process: past `max_queued_controls` a job is refused
     (429 with Retry-After at the gateway), and a failure outside the job itself (here an

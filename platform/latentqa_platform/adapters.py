@@ -65,16 +65,17 @@ class AdapterCatalog:
 
         return MlflowClient(self.tracking_uri)
 
+    def configured(self, ref: str) -> str | None:
+        """The canonical id of a configured folder's name, which needs no registry lookup; else None."""
+        uri = self.named.get(ref)
+        return f"{self.kind}:{ref}" if uri is not None and not uri.startswith("models:/") else None
+
     def locate(self, ref: str, field: str) -> str:
         """The canonical id of `ref`: `<kind>:<name>` for a configured adapter, `models:/name/N`
         for a registered one (aliases resolved now, so a moved alias is seen). 404 otherwise."""
         if ref in self.named:
             uri = self.named[ref]
-            return (
-                self._registered(uri.removeprefix("models:/"), field, check_kind=False)
-                if uri.startswith("models:/")
-                else f"{self.kind}:{ref}"
-            )
+            return self.configured(ref) or self._registered(uri.removeprefix("models:/"), field, check_kind=False)
         return self._registered(ref, field, check_kind=True)
 
     def _registered(self, ref: str, field: str, check_kind: bool) -> str:

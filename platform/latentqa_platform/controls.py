@@ -27,8 +27,11 @@ JOB_KIND = "control-job"  # KIND_TAG of a control job's run
 NAME_TAG, ADAPTER_TAG, ERROR_TAG = "latentqa.control", "latentqa.adapter", "latentqa.error"
 OWNER_TAG = "latentqa.owner"  # who runs the job: a Serve app's Steering, or a `jobs/control.py` run
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
-# An absolute path of two or more parts (a file:// URI's too): the server's, not the client's.
-_SERVER_PATH = re.compile(r"(?<![\w.~])(?:/[^/\s'\"]+)+(?=/[^/\s'\"]+)")
+# An absolute path of two or more parts, quoted (as Python's OSErrors quote it, spaces and all) or
+# not, a file:// URI's too: the server's, not the client's. Its folders are cut; registry and
+# HTTP references (models:/name/3, runs:/id/x, http://host/x) are the client's and stay whole.
+_QUOTED_PATH = re.compile(r"""(['"])(?:file://)?/[^'"]*/([^'"/]*)\1""")
+_SERVER_PATH = re.compile(r"(?:(?<=file://)|(?<![\w.~:/]))(?:/[^/\s'\"]+)+(?=/[^/\s'\"]+)")
 log = logging.getLogger(__name__)
 _STATUS = {"SCHEDULED": "queued", "RUNNING": "running", "FINISHED": "succeeded", "FAILED": "failed", "KILLED": "failed"}
 
@@ -136,12 +139,17 @@ def run_job(
             lqa.model.adapters.remove_control()
 
 
+def without_server_paths(text: str) -> str:
+    """`text` with each server path cut to its last part: `'…/prompts.json'`."""
+    return _SERVER_PATH.sub("…", _QUOTED_PATH.sub(r"\1…/\2\1", text))
+
+
 def fail_job(run: RunRef, err: BaseException, doing: str = "") -> None:
     """End the job's run FAILED. The error tag, which GET /v1/controls/{id} returns to anyone
     holding the job id, says what went wrong with each server path cut to its last part; the
     whole error and its trace go to the log under the job's run id."""
     log.error("control job %s failed: %s", run.run_id, doing, exc_info=err)
-    error = _SERVER_PATH.sub("…", f"{doing}{type(err).__name__}: {err}")
+    error = without_server_paths(f"{doing}{type(err).__name__}: {err}")
     run.client().set_tag(run.run_id, ERROR_TAG, error[:5000])
     finish_run(run, "FAILED")
 
