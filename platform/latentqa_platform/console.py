@@ -28,6 +28,9 @@ def quiet(log_file: Path) -> None:
     """Send the driver's library messages and warnings to `log_file` instead of the console."""
     os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bars write to stderr, not through logging
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
