@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import time
 from pathlib import Path
@@ -81,6 +82,12 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--serve-clients", type=int, default=16)
     g.add_argument("--serve-repeats", type=int, default=3)
     g.add_argument("--serve-new-tokens", type=int, default=8)
+    g.add_argument(
+        "--serve-ingress",
+        choices=["proxy", "haproxy"],
+        default="proxy",
+        help="serve, serve_load: Serve's HTTP proxy, or HAProxy with direct ingress (docs/benchmarks.md)",
+    )
     g.add_argument("--load-reads", type=int, default=2000, help="serve_load: reads per round (steady, then faulty)")
     g.add_argument("--load-clients", type=int, default=32, help="serve_load: concurrent clients")
     g = p.add_argument_group("presets (llama3-8b, tiny: the GPU preset, batch 4, read layer 15 as in the paper)")
@@ -143,6 +150,8 @@ def engine_rows(args, names: list[str]) -> list[dict]:
 
 def platform_rows(args, names: list[str]) -> list[dict]:
     rows = []
+    if args.serve_ingress == "haproxy":  # read by Serve's controller and proxy, which this local cluster starts
+        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1")
     bm.start_ray(num_cpus=4)
     if "ray" in names:
         config = load_config(

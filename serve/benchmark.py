@@ -30,11 +30,54 @@ def _read_body(max_new_tokens: int) -> dict:
     return {"dialogs": [DIALOG], "questions": [QUESTIONS[0]], "max_new_tokens": max_new_tokens}
 
 
+def _bare_app(folder: Path):
+    """Serve's own floor for a read: a FastAPI ingress calling, through a deployment handle, a
+    deployment that runs the engine's `read` with the same decoder; none of the app's code
+    (validation, auth, limits, checks, multiplexing, batching). What the two hops cost by themselves."""
+    from fastapi import FastAPI
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="BareModel", ray_actor_options={"num_cpus": 0.5})
+    class BareModel:
+        def __init__(self, folder: str):
+            from concurrent.futures import ThreadPoolExecutor
+
+            from latentqa.config import load_config
+            from latentqa.session import LatentQA
+
+            torch.set_num_threads(1)  # as the app's replica and this process
+            self.lqa = LatentQA.load(load_config(), folder)
+            self.work = ThreadPoolExecutor(1)  # the model off the replica's loop, as in the app's replica
+
+        async def read(self, body: dict) -> list[list[str]]:
+            import asyncio
+
+            from latentqa.reading import read
+
+            args = (self.lqa, body["dialogs"], body["questions"], None, body["max_new_tokens"])
+            return await asyncio.get_running_loop().run_in_executor(self.work, read, *args)
+
+    @serve.deployment(name="BareIngress", ray_actor_options={"num_cpus": 0})
+    @serve.ingress(api)
+    class BareIngress:
+        def __init__(self, model):
+            self.model = model
+
+        @api.post("/v1/read")
+        async def read(self, body: dict) -> list[list[str]]:
+            return await self.model.read.remote(body)
+
+    return BareIngress.bind(BareModel.bind(str(folder)))
+
+
 @contextlib.contextmanager
-def _served(apps: dict[str, dict], model_replicas: int = 1) -> Iterator[tuple[str, Path]]:
+def _served(apps: dict[str, dict], model_replicas: int = 1, bare: bool = False) -> Iterator[tuple[str, Path]]:
     """A fresh (untrained) decoder of the offline default, served by one app per entry of `apps`
     (its `ServeSettings` fields) under /<name> on a local Serve instance, each answering reads;
-    yields the base URL and the decoder's folder. Model replicas at 1 CPU each."""
+    with `bare`, also Serve's floor for the same read under /bare (`_bare_app`). Yields the base URL
+    and the decoder's folder. Model replicas at 1 CPU each."""
     import httpx
     from ray import serve
 
@@ -64,9 +107,11 @@ def _served(apps: dict[str, dict], model_replicas: int = 1) -> Iterator[tuple[st
                 gateway=Gateway.options(ray_actor_options={"num_cpus": 0.25}),
             )
             serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
+        if bare:
+            serve.run(_bare_app(folder), name="bench-bare", route_prefix="/bare", blocking=False)
         deadline = time.monotonic() + 300
         with httpx.Client(base_url=url, timeout=300) as client:
-            for name in apps:
+            for name in [*apps, *(["bare"] if bare else [])]:
                 while client.post(f"/{name}/v1/read", json=_read_body(1)).status_code != 200:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"the serve app {name} did not answer")
@@ -84,11 +129,14 @@ def serve_benchmarks(
     max_new_tokens: int = 8,
     overhead_ms: float = 10.0,
     speedup: float = 4.0,
+    floor_ratio: float = 1.25,
 ) -> list[dict]:
     """/v1/read over HTTP on loopback vs the engine's `read` in this process (p50 overhead), and
     throughput with `clients` concurrent clients of an app batching up to `clients` reads vs the
-    same app with max_batch_size=1. A fresh (untrained) decoder of the offline default; both apps
-    on one local cluster, model replicas at 1 CPU (1 torch thread, as this process is set to)."""
+    same app with max_batch_size=1. Beside them, Serve's own floor: the overhead of a bare two-hop
+    app running the same read (`_bare_app`), against which the app's overhead is set. A fresh
+    (untrained) decoder of the offline default; all apps on one local cluster, model replicas at
+    1 CPU (1 torch thread, as this process is set to)."""
     import asyncio
 
     import httpx
@@ -103,11 +151,12 @@ def serve_benchmarks(
     torch.set_num_threads(1)
     apps = {"batched": {"max_batch_size": clients}, "unbatched": {"max_batch_size": 1}}
     try:
-        with _served(apps) as (url, folder), httpx.Client(base_url=url, timeout=300) as client:
+        with _served(apps, bare=True) as (url, folder), httpx.Client(base_url=url, timeout=300) as client:
             lqa = LatentQA.load(load_config(), folder)
-            http_times, local_times, unbatched_times = [], [], []
-            for _ in range(3):  # warm both paths
+            http_times, local_times, unbatched_times, bare_times = [], [], [], []
+            for _ in range(3):  # warm every path
                 client.post("/batched/v1/read", json=body)
+                client.post("/bare/v1/read", json=body)
                 read(lqa, [DIALOG], [QUESTIONS[0]], max_new_tokens=max_new_tokens)
             for _ in range(requests * repeats):
                 start = time.perf_counter()
@@ -120,6 +169,9 @@ def serve_benchmarks(
                 start = time.perf_counter()  # the same request where a batch never waits (max_batch_size=1)
                 client.post("/unbatched/v1/read", json=body).raise_for_status()
                 unbatched_times.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                client.post("/bare/v1/read", json=body).raise_for_status()
+                bare_times.append(time.perf_counter() - start)
 
             async def load(name: str) -> float:
                 async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
@@ -140,8 +192,8 @@ def serve_benchmarks(
                 unbatched.append(asyncio.run(load("unbatched")))
     finally:
         torch.set_num_threads(previous)
-    http_p50, local_p50 = statistics.median(http_times), statistics.median(local_times)
-    overhead = (http_p50 - local_p50) * 1000
+    http_p50, local_p50, bare_p50 = (statistics.median(t) for t in (http_times, local_times, bare_times))
+    overhead, floor = (http_p50 - local_p50) * 1000, (bare_p50 - local_p50) * 1000
     throughput_ratio = paired_ratio(batched, unbatched)
     return [
         row(
@@ -162,6 +214,20 @@ def serve_benchmarks(
             batch_wait_timeout_s=ServeSettings().batch_wait_timeout_s,
             unbatched_app_p50=statistics.median(unbatched_times),
             unbatched_app_overhead_ms=(statistics.median(unbatched_times) - local_p50) * 1000,
+            serve_floor_ms=floor,
+        ),
+        row(
+            "serve /v1/read overhead vs Serve's floor",
+            overhead,
+            floor,
+            "ms (p50 over in-process)",
+            overhead / floor,
+            f"<= {floor_ratio:g}x",
+            overhead <= floor_ratio * floor,
+            measured_is="POST /v1/read: proxy, Gateway (FastAPI, auth, limits), model replica (checks, batching)",
+            baseline_is="a bare two-hop Serve app (FastAPI ingress, handle, deployment) running the same read",
+            bare_p50=bare_p50,
+            local_p50=local_p50,
         ),
         row(
             "serve batching",

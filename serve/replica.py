@@ -1,5 +1,5 @@
 """The `ModelReplica` deployment: one base model per replica. Decoders and control adapters are
-Serve-multiplexed on it (LRU, `max_adapters_per_replica`), reads are batched with @serve.batch,
+Serve-multiplexed on it (LRU, `max_adapters_per_replica`), reads are batched (`Batcher`),
 and all model work runs on one worker thread so the replica's event loop keeps answering."""
 
 import asyncio
@@ -19,6 +19,7 @@ from ray import serve
 
 from latentqa_platform import console
 from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
+from latentqa_platform.batching import Batcher
 from latentqa_platform.serving import RequestError, ServeSettings, Unavailable, check_tokens
 
 
@@ -88,8 +89,6 @@ class ModelReplica:
         from latentqa.session import LatentQA
 
         self.work = None
-        self.reads_in_flight = 0
-        self.last_batch_size = 0
         self.settings = ServeSettings.model_validate(settings)
         if not self.settings.verbose:
             console.quiet_replica()
@@ -113,9 +112,7 @@ class ModelReplica:
             return await self._load(adapter_id)
 
         self.adapter = serve.multiplexed(max_num_models_per_replica=self.settings.max_adapters_per_replica)(load)
-        self.read_batch = serve.batch(
-            max_batch_size=self.settings.max_batch_size, batch_wait_timeout_s=self.settings.batch_wait_timeout_s
-        )(self._read_many)
+        self.read_batch = Batcher(self._read_many, self.settings.max_batch_size, self.settings.batch_wait_timeout_s)
 
     def _read_layer(self, fetched) -> int:
         """A decoder reads at the layer it was trained for, unless a request says otherwise; it
@@ -278,20 +275,11 @@ class ModelReplica:
         async with self._routed_adapter(self.default) as adapter:
             layer = self._layer_for(adapter, read_layer)
             self._check_read(dialogs, questions, max_new_tokens)
-            # Wait for company only where there is some: other reads in flight, or a last batch of
-            # several (their clients are about to send again). A lone client's read starts at once.
-            concurrent = self.reads_in_flight > 0 or self.last_batch_size > 1
-            self.read_batch.set_batch_wait_timeout_s(self.settings.batch_wait_timeout_s if concurrent else 0.0)
-            self.reads_in_flight += 1
-            try:
-                return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
-            finally:
-                self.reads_in_flight -= 1
+            return layer, await self.read_batch(ReadJob(adapter, dialogs, questions, layer, max_new_tokens))
 
     async def _read_many(self, jobs: list[ReadJob]) -> list[list[list[str]]]:
         """One engine `read` per (decoder, layer, length) group of the batch: the target pass is
         shared by every dialog of the group."""
-        self.last_batch_size = len(jobs)
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[(job.adapter.peft_name, job.read_layer, job.max_new_tokens)].append(i)
