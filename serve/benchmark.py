@@ -6,6 +6,7 @@ the app."""
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import statistics
 import tempfile
@@ -195,6 +196,7 @@ def serve_benchmarks(
     http_p50, local_p50, bare_p50 = (statistics.median(t) for t in (http_times, local_times, bare_times))
     overhead, floor = (http_p50 - local_p50) * 1000, (bare_p50 - local_p50) * 1000
     throughput_ratio = paired_ratio(batched, unbatched)
+    ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"  # jobs/benchmark.py
     return [
         row(
             "serve /v1/read overhead",
@@ -215,19 +217,21 @@ def serve_benchmarks(
             unbatched_app_p50=statistics.median(unbatched_times),
             unbatched_app_overhead_ms=(statistics.median(unbatched_times) - local_p50) * 1000,
             serve_floor_ms=floor,
+            ingress=ingress,
         ),
         row(
             "serve /v1/read overhead vs Serve's floor",
             overhead,
             floor,
             "ms (p50 over in-process)",
-            overhead / floor,
+            overhead / floor if floor > 0 else float("inf"),
             f"<= {floor_ratio:g}x",
             overhead <= floor_ratio * floor,
             measured_is="POST /v1/read: proxy, Gateway (FastAPI, auth, limits), model replica (checks, batching)",
             baseline_is="a bare two-hop Serve app (FastAPI ingress, handle, deployment) running the same read",
             bare_p50=bare_p50,
             local_p50=local_p50,
+            ingress=ingress,
         ),
         row(
             "serve batching",
@@ -243,6 +247,7 @@ def serve_benchmarks(
             measured_all=batched,
             baseline_all=unbatched,
             repeats=repeats,
+            ingress=ingress,
         ),
     ]
 

@@ -279,17 +279,21 @@ class ModelReplica:
 
     async def _read_many(self, jobs: list[ReadJob]) -> list[list[list[str]]]:
         """One engine `read` per (decoder, layer, length) group of the batch: the target pass is
-        shared by every dialog of the group."""
+        shared by every dialog of the group. Each adapter is held for the whole batch: were its
+        callers gone mid-batch, an evicted adapter would otherwise be unmounted before its group ran."""
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, job in enumerate(jobs):
             groups[(job.adapter.peft_name, job.read_layer, job.max_new_tokens)].append(i)
         results: list[Any] = [None] * len(jobs)
-        for (peft_name, layer, max_new), members in groups.items():
-            dialogs = [d for i in members for d in jobs[i].dialogs]
-            questions = [jobs[i].questions for i in members for _ in jobs[i].dialogs]
-            answers = await self._run(self._read_group, peft_name, dialogs, questions, layer, max_new)
-            for i in members:
-                results[i], answers = answers[: len(jobs[i].dialogs)], answers[len(jobs[i].dialogs) :]
+        with contextlib.ExitStack() as holding:
+            for adapter in {id(job.adapter): job.adapter for job in jobs}.values():
+                holding.enter_context(adapter.held())
+            for (peft_name, layer, max_new), members in groups.items():
+                dialogs = [d for i in members for d in jobs[i].dialogs]
+                questions = [jobs[i].questions for i in members for _ in jobs[i].dialogs]
+                answers = await self._run(self._read_group, peft_name, dialogs, questions, layer, max_new)
+                for i in members:
+                    results[i], answers = answers[: len(jobs[i].dialogs)], answers[len(jobs[i].dialogs) :]
         return results
 
     def _read_group(self, peft_name, dialogs, questions, layer, max_new_tokens):

@@ -9,14 +9,17 @@ from latentqa_platform.batching import Batcher
 
 
 class Worker:
-    """Answers each item with itself doubled after `seconds`; records the batches it got."""
+    """Answers each item with itself doubled after `seconds` (and, given `gate`, once the gate is
+    open); records the batches it got."""
 
-    def __init__(self, seconds: float = 0.05, fail_on=None):
-        self.seconds, self.fail_on, self.batches = seconds, fail_on, []
+    def __init__(self, seconds: float = 0.05, fail_on=None, gate: asyncio.Event | None = None):
+        self.seconds, self.fail_on, self.gate, self.batches = seconds, fail_on, gate, []
 
     async def __call__(self, items: list) -> list:
         self.batches.append(list(items))
         await asyncio.sleep(self.seconds)
+        if self.gate is not None:
+            await self.gate.wait()
         if self.fail_on in items:
             raise ValueError(f"bad item {self.fail_on}")
         return [2 * item for item in items]
@@ -40,14 +43,16 @@ def test_items_that_queue_while_a_batch_runs_are_the_next_batch_at_once():
     one every 5 ms here)."""
 
     async def main():
-        worker = Worker(0.05)
+        gate = asyncio.Event()
+        worker = Worker(0.0, gate=gate)
         batcher = Batcher(worker, max_size=16, wait_s=0.005)
         first = asyncio.create_task(batcher(-1))
-        await asyncio.sleep(0.01)  # the lone item is running
+        await asyncio.sleep(0.01)  # the lone item is running, held at the gate
         rest = []
         for i in range(16):
             rest.append(asyncio.create_task(batcher(i)))
             await asyncio.sleep(0.002)
+        gate.set()
         assert await first == -2
         assert await asyncio.gather(*rest) == [2 * i for i in range(16)]
         return worker.batches
@@ -84,8 +89,7 @@ def test_batches_hold_at_most_max_size_items_in_arrival_order():
 
     results, batches = asyncio.run(main())
     assert results == [2 * i for i in range(8)]
-    assert [item for batch in batches for item in batch] == list(range(8))
-    assert all(len(batch) <= 3 for batch in batches)
+    assert batches == [[0, 1, 2], [3, 4, 5], [6, 7]]
 
 
 def test_a_cancelled_caller_is_left_out_and_a_failing_batch_fails_only_its_callers():
@@ -107,6 +111,22 @@ def test_a_cancelled_caller_is_left_out_and_a_failing_batch_fails_only_its_calle
     assert all(isinstance(o, ValueError) and "bad item 1" in str(o) for o in outcomes[1:3]), outcomes
     assert 5 not in [item for batch in batches for item in batch]
     assert batches == [[0], [1, 2], [3]]
+
+
+def test_a_stopped_worker_leaves_no_caller_waiting():
+    """A batch interrupted by something other than an error (the worker task cancelled, as when
+    the replica stops): its callers and those queued behind it get an error, not a wait forever."""
+
+    async def main():
+        async def cancelled(items):
+            raise asyncio.CancelledError
+
+        batcher = Batcher(cancelled, max_size=1, wait_s=0.0)
+        callers = [asyncio.create_task(batcher(i)) for i in range(3)]
+        return await asyncio.wait_for(asyncio.gather(*callers, return_exceptions=True), 5)
+
+    outcomes = asyncio.run(main())
+    assert all(isinstance(o, RuntimeError) and "worker stopped" in str(o) for o in outcomes), outcomes
 
 
 @pytest.mark.parametrize("max_size", [1, 4])

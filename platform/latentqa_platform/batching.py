@@ -7,6 +7,7 @@ closes when the worker is ready for it: whatever queued while a batch ran is the
 once. Only an idle worker waits for company, and only where some is expected."""
 
 import asyncio
+import contextvars
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,20 +31,26 @@ class Batcher:
         self.queue.append((item, future))
         self.arrived.set()
         if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._work())
+            # A context of its own: the worker serves every caller, not the request that started it.
+            self.worker = asyncio.create_task(self._work(), context=contextvars.Context())
         return await future  # a cancelled caller cancels its future; the worker skips it
 
     async def _work(self) -> None:
         queued_while_busy = False
-        while self.queue:
-            # Items that queued while a batch ran have waited already: they go at once.
-            if not queued_while_busy and self.last_batch_size > 1:
-                await self._fill(asyncio.get_running_loop().time() + self.wait_s)
-            self.queue = [(item, future) for item, future in self.queue if not future.done()]
-            batch, self.queue = self.queue[: self.max_size], self.queue[self.max_size :]
-            if batch:
-                await self._serve(batch)
-            queued_while_busy = bool(self.queue)
+        try:
+            while self.queue:
+                # Items that queued while a batch ran have waited already: they go at once.
+                if not queued_while_busy and self.last_batch_size > 1:
+                    await self._fill(asyncio.get_running_loop().time() + self.wait_s)
+                self.queue = [(item, future) for item, future in self.queue if not future.done()]
+                batch, self.queue = self.queue[: self.max_size], self.queue[self.max_size :]
+                if batch:
+                    await self._serve(batch)
+                queued_while_busy = bool(self.queue)
+        except BaseException as err:  # the worker itself stopped (cancelled): no caller is left waiting
+            _fail(self.queue, RuntimeError(f"the batch worker stopped: {type(err).__name__}"))
+            self.queue = []
+            raise
 
     async def _fill(self, deadline: float) -> None:
         loop = asyncio.get_running_loop()
@@ -60,10 +67,17 @@ class Batcher:
             results = await self.run([item for item, _ in batch])
             answered = list(zip([future for _, future in batch], results, strict=True))
         except Exception as err:  # the worker lives on: the next batch is not stranded
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(err)
+            _fail(batch, err)
             return
+        except BaseException as err:
+            _fail(batch, RuntimeError(f"the batch worker stopped: {type(err).__name__}"))
+            raise
         for future, result in answered:
             if not future.done():
                 future.set_result(result)
+
+
+def _fail(queued: list[tuple[Any, asyncio.Future]], err: BaseException) -> None:
+    for _, future in queued:
+        if not future.done():
+            future.set_exception(err)

@@ -79,8 +79,8 @@ class ServeSettings(StrictModel):
     max_batch_size: int = Field(8, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
     """How long an idle model replica waits for reads to batch with, only where some are expected
-    (its last batch held several); reads that queue while a batch runs never wait, nor does a lone
-    client's read (`latentqa_platform.batching`)."""
+    (its last batch held several); reads that queue while a batch runs never wait, and a lone
+    client's read waits at most once, right after a batch of several (`latentqa_platform.batching`)."""
     max_turn_tokens: int = Field(512, ge=1)
     """Tokens of any one text: a message, a question, a candidate, a control's QA pair or instruction."""
     max_dialog_tokens: int = Field(4096, ge=16)
