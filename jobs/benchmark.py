@@ -150,15 +150,17 @@ def engine_rows(args, names: list[str]) -> list[dict]:
 
 def platform_rows(args, names: list[str]) -> list[dict]:
     rows = []
-    if args.serve_ingress == "haproxy":  # read by Serve's controller and proxy, which this local cluster starts
-        os.environ.update(RAY_SERVE_ENABLE_HA_PROXY="1", RAY_SERVE_ENABLE_DIRECT_INGRESS="1")
+    sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
+    if args.serve_ingress == "haproxy":
+        from serve.benchmark import HAPROXY_INGRESS
+
+        os.environ.update(HAPROXY_INGRESS)
     bm.start_ray(num_cpus=4)
     if "ray" in names:
         config = load_config(
             overrides={"data": {"eval": None}, "train": {"eval_every": 0, "batch_size": args.batch_size}}
         )
         rows.append(bm.print_row(bm.ray_overhead(config, args.ray_repeats, args.ray_steps, threads=args.ray_threads)))
-    sys.path.insert(0, str(PROJECT_ROOT))  # serve/ holds the app and its benchmark; it is not an installed package
     if "serve" in names:
         from serve.benchmark import serve_benchmarks
 

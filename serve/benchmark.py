@@ -16,7 +16,12 @@ from pathlib import Path
 
 import torch
 
-from latentqa_platform.benchmarks import DIALOG, QUESTIONS, paired_ratio, row
+from latentqa_platform.benchmarks import DIALOG, QUESTIONS, interleaved, paired_ratio, row
+
+# Serve's ingress switches for `--serve-ingress haproxy` (jobs/benchmark.py sets them before the
+# local cluster starts: Serve's controller and proxy read them): HAProxy with direct ingress in
+# place of Serve's Python proxy.
+HAPROXY_INGRESS = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
 
 
 def _free_port() -> int:
@@ -154,25 +159,18 @@ def serve_benchmarks(
     try:
         with _served(apps, bare=True) as (url, folder), httpx.Client(base_url=url, timeout=300) as client:
             lqa = LatentQA.load(load_config(), folder)
-            http_times, local_times, unbatched_times, bare_times = [], [], [], []
-            for _ in range(3):  # warm every path
-                client.post("/batched/v1/read", json=body)
-                client.post("/bare/v1/read", json=body)
-                read(lqa, [DIALOG], [QUESTIONS[0]], max_new_tokens=max_new_tokens)
-            for _ in range(requests * repeats):
-                start = time.perf_counter()
-                response = client.post("/batched/v1/read", json=body)
-                http_times.append(time.perf_counter() - start)
-                response.raise_for_status()
-                start = time.perf_counter()
-                read(lqa, [DIALOG], [QUESTIONS[0]], max_new_tokens=max_new_tokens)
-                local_times.append(time.perf_counter() - start)
-                start = time.perf_counter()  # the same request where a batch never waits (max_batch_size=1)
-                client.post("/unbatched/v1/read", json=body).raise_for_status()
-                unbatched_times.append(time.perf_counter() - start)
-                start = time.perf_counter()
-                client.post("/bare/v1/read", json=body).raise_for_status()
-                bare_times.append(time.perf_counter() - start)
+            times = interleaved(
+                {
+                    "batched": lambda: client.post("/batched/v1/read", json=body).raise_for_status(),
+                    "local": lambda: read(lqa, [DIALOG], [QUESTIONS[0]], max_new_tokens=max_new_tokens),
+                    # the same request where a batch never waits (max_batch_size=1)
+                    "unbatched": lambda: client.post("/unbatched/v1/read", json=body).raise_for_status(),
+                    "bare": lambda: client.post("/bare/v1/read", json=body).raise_for_status(),
+                },
+                requests * repeats,
+                warmup=3,
+            )
+            http_times, local_times, unbatched_times, bare_times = times.values()
 
             async def load(name: str) -> float:
                 async with httpx.AsyncClient(base_url=url, timeout=300) as ac:
@@ -196,7 +194,7 @@ def serve_benchmarks(
     http_p50, local_p50, bare_p50 = (statistics.median(t) for t in (http_times, local_times, bare_times))
     overhead, floor = (http_p50 - local_p50) * 1000, (bare_p50 - local_p50) * 1000
     throughput_ratio = paired_ratio(batched, unbatched)
-    ingress = "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"  # jobs/benchmark.py
+    ingress = "haproxy" if HAPROXY_INGRESS.items() <= os.environ.items() else "proxy"
     return [
         row(
             "serve /v1/read overhead",
