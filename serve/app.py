@@ -27,7 +27,8 @@ from serve.steering import Steering
 def build_app(args: dict) -> serve.Application:
     """The application for `serve run serve.app:build_app key=value` and `serve deploy`: `args`
     are `ServeSettings` fields; `settings=FILE.yaml` reads them from a file first. Without
-    `decoders`, the engine config's `model.decoder_adapter` is served, else the latest under runs/."""
+    `decoders`, the engine config's `model.decoder_adapter` is served (with the controls shipped for
+    it, `infra/controls/<decoder>/`, unless `controls` is given), else the latest under runs/."""
     import yaml
 
     from latentqa.decoders import registry_reference
@@ -42,6 +43,8 @@ def build_app(args: dict) -> serve.Application:
     if not args.get("decoders"):  # the config's own decoder (e.g. a shipped one), else the latest trained
         named = model.decoder_adapter and (registry_reference(model.decoder_adapter) or model.decoder_adapter)
         args["decoders"] = {Path(named).name: named} if named else {"latest": str(latest_decoder())}
+        if named and "controls" not in args:  # and the controls shipped with that decoder, as chat models
+            args["controls"] = shipped_controls(Path(named).name)
     settings = ServeSettings.model_validate(args)
     target = load_model_config(model)
     for folder in settings.decoders.values():  # a wrong base fails here in one line, not in the replicas
@@ -51,6 +54,14 @@ def build_app(args: dict) -> serve.Application:
             except WrongTarget as err:
                 raise SystemExit(f"cannot serve: {err}") from None
     return application(settings)
+
+
+def shipped_controls(decoder_name: str) -> dict[str, str]:
+    """The control adapters shipped for a decoder (`infra/controls/<decoder>/<control>/`), by name."""
+    from latentqa.paths import SHIPPED_CONTROLS
+
+    folder = SHIPPED_CONTROLS / decoder_name
+    return {p.name: str(p) for p in sorted(folder.iterdir()) if p.is_dir()} if folder.is_dir() else {}
 
 
 def application(settings: ServeSettings, model=ModelReplica, steering=Steering, gateway=Gateway) -> serve.Application:

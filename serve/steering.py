@@ -11,7 +11,7 @@ from ray import serve
 
 from latentqa_platform import console, controls
 from latentqa_platform.adapters import AdapterCatalog
-from latentqa_platform.serving import ControlRequest, Overloaded, ServeSettings, check_tokens
+from latentqa_platform.serving import ControlRequest, Overloaded, RequestError, ServeSettings, check_tokens
 
 
 @serve.deployment(name="Steering", num_replicas=1, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=16)
@@ -46,6 +46,7 @@ class Steering:
         texts |= {f"questions.{i}": text for i, text in enumerate(body.questions or [])}
         texts |= {"instruction": body.instruction} if body.instruction else {}
         check_tokens(self._tokens, texts, self.settings.max_turn_tokens)
+        self._check_read_layer(decoder_id)
         with self.pending_lock:
             if self.pending >= self.settings.max_queued_controls:
                 raise Overloaded("name", f"{self.pending} control jobs are queued or running; retry later")
@@ -63,6 +64,21 @@ class Steering:
             raise
         self.queue.submit(self._run, run, body, decoder_id)
         return run.run_id
+
+    def _check_read_layer(self, decoder_id: str) -> None:
+        """Refuse (422) a control that this app's `steer.layers` would read elsewhere than the decoder."""
+        from latentqa.config import ConfigError
+        from latentqa.steering import control_read_layer
+
+        config = self.settings.engine_config()
+        if config.steer.layers is None:
+            return  # the control follows the decoder
+        with tempfile.TemporaryDirectory() as tmp:
+            trained = self.catalog.fetch(decoder_id, Path(tmp)).config
+        try:
+            control_read_layer(config.steer, (trained or config).patch.read_layer)
+        except ConfigError as err:
+            raise RequestError("decoder", str(err)) from None
 
     def _tokens(self, text: str) -> int:
         return len(self.chat_format.encode([text], plain=True)[0])
@@ -84,6 +100,8 @@ class Steering:
     def _run(self, run, body: ControlRequest, decoder_id: str) -> None:
         """The job on the queue's thread: whatever fails ends its run FAILED (an exception here
         would be lost with the thread, and the job would look queued forever)."""
+        from latentqa.steering import ControlFile
+
         try:
             try:
                 lqa = self._session(decoder_id)
@@ -95,14 +113,13 @@ class Steering:
                 lqa,
                 run,
                 self.settings.control_model_prefix + body.name,
-                body.qa,
-                body.instruction,
+                ControlFile(name=body.name, instruction=body.instruction, qa=body.qa or []),
                 body.questions or self.settings.control_questions,
                 prompts,
                 {"control": body.name, "decoder": decoder_id, "target_model": lqa.config.model.path},
                 body.steps,
                 body.lr,
-                heldout[:3],
+                heldout,
             )
         except Exception as err:
             controls.fail_job(run, err)

@@ -108,7 +108,7 @@ def test_read_job_writes_shards_and_resumes_by_shard(ray_cluster, decoder, tmp_p
     assert not (tmp_path / "bad" / "job.json").exists()
 
 
-def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, decoder):
+def test_control_job_registers_an_adapter_and_logs_its_steering_figures(ray_cluster, decoder):
     from mlflow.tracking import MlflowClient
 
     proc = submit(
@@ -124,18 +124,45 @@ def test_control_job_registers_an_adapter_and_logs_completions(ray_cluster, deco
         "--steer.lr",
         "3e-3",
         "--heldout",
+        "4",
+        "--show",
         "2",
+        "--baselines",
+        # a random tiny target repeats itself whatever steers it: the fluency bounds are for real models
+        "--steer.max_repeated_trigrams",
+        "null",
+        "--steer.max_perplexity_ratio",
+        "null",
     )
     assert proc.returncode == 0, tail(proc)
     assert "registered control adapter latentqa-control-veganism/" in proc.stdout, tail(proc)
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith('{"prompt"')]
     assert len(rows) == 2 and all(set(r) == {"prompt", "target", "steered"} for r in rows)
+    assert "| steered |" in proc.stdout and "| prompted |" in proc.stdout, tail(proc)
     client = MlflowClient(decoder.tracking_uri)
     [version] = client.search_model_versions("name='latentqa-control-veganism'")
     pinned = f"models:/{DECODER_MODEL}/{decoder.version}"  # the alias, resolved once for the whole job
     assert version.tags["latentqa.kind"] == "control" and version.tags["decoder"] == pinned
     history = client.get_metric_history(version.run_id, "control/loss")
     assert sorted(m.step for m in history) == list(range(1, 21))
+    metrics = client.get_run(version.run_id).data.metrics
+    for condition in ("target", "prompted", "vector-x1", "steered"):
+        assert 0 <= metrics[f"steering/{condition}/behaviour_rate"] <= 1
+        assert metrics[f"steering/{condition}/perplexity_ratio"] > 0
+    report = {a.path for a in client.list_artifacts(version.run_id, "steering")}
+    assert report == {"steering/steering.json", "steering/steering.md", "steering/steering.png"}
+
+
+def test_control_job_refuses_a_steer_layers_that_reads_elsewhere(decoder, capsys):
+    """Checked before Ray is contacted (so in process here): the job names both blocks."""
+    job = import_job("control")
+    trained_at = json.loads((decoder.run_dir / "config.json").read_text())["patch"]["read_layer"]
+    args = ["--control", str(CONTROLS_DIR / "pirate.json"), "--decoder", decoder.registry_uri]
+    args += ["--mlflow.tracking_uri", decoder.tracking_uri, "--steer.layers", str(trained_at + 2)]
+    assert job.run_main(lambda: job.main(args)) == 2
+    assert f"reads the control at block {trained_at + 1}, but the decoder reads block {trained_at}" in (
+        capsys.readouterr().err
+    )
 
 
 def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):

@@ -16,7 +16,7 @@ def latentqa(*args, cwd=None):
 def test_help_lists_every_subcommand():
     result = latentqa("--help")
     assert result.returncode == 0
-    for command in ("inspect-batch", "train", "read", "score", "steer", "evaluate"):
+    for command in ("inspect-batch", "train", "read", "score", "steer", "evaluate-steering", "evaluate"):
         assert command in result.stdout
 
 

@@ -69,7 +69,7 @@ def test_evaluate_reports_three_conditions(offline_session):
 
 def test_per_layer_control_gradients_stay_in_their_block(offline_session):
     lqa = offline_session
-    lqa.model.adapters.add_control(offline_config().steer.model_copy(update={"layers": 2}))
+    lqa.model.adapters.add_control(offline_config().steer, 2)
     batch = lqa.collate(lqa.lay_out(load_examples(DatasetSpec(path=OFFLINE_HELDOUT))[:2], "score"))
     acts = lqa.model.target_activations(batch, [0, 1], adapter=CONTROL, grad=True, detach_between=True)
     lqa.model.decoder_loss(batch, acts[1], shift=False).backward()
@@ -89,7 +89,7 @@ def test_steer_lowers_control_loss_and_changes_the_target(offline_session, tmp_p
     result = steer(lqa, control, prompts["train"], tmp_path / "control", cfg)
     assert sum(result.losses[-5:]) / 5 < sum(result.losses[:5]) / 5
     saved = json.loads((tmp_path / "control" / "adapter_config.json").read_text())
-    assert saved["layers_to_transform"] == list(range(cfg.layers))
+    assert saved["layers_to_transform"] == list(range(lqa.decoder_read_layer + 1))
     assert (tmp_path / "control" / "adapter_model.safetensors").exists()
     after = complete(lqa, prompts["heldout"], adapter=CONTROL, max_new_tokens=8)
     assert after != before

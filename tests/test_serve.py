@@ -60,6 +60,8 @@ def app(ray_cluster, decoder):
         max_generated_tokens=2000,
         max_scored_tokens=1200,
         max_body_bytes=200_000,
+        # a random tiny target repeats itself whatever steers it: the fluency bounds are for real models
+        overrides=["--steer.max_repeated_trigrams", "null", "--steer.max_perplexity_ratio", "null"],
     )
     with served_app(settings, APP, model_replicas=2) as url:
         yield url
@@ -591,6 +593,69 @@ def test_control_jobs_are_bounded_and_never_lost(decoder, tmp_path, monkeypatch)
     assert steering.pending == 0 and restarted.pending == 0
     response = asyncio.run(_request_error(_request("/v1/controls"), Overloaded("name", "busy")))
     assert response.status_code == 429 and response.headers["retry-after"] == "30"
+
+
+def test_a_control_that_would_read_elsewhere_than_its_decoder_is_refused(decoder, monkeypatch):
+    """The Steering deployment's class in process: an app whose `steer.layers` reads the control
+    at another block than the decoder was trained to read refuses the job (422 at the gateway)
+    before anything is queued; unset, the control follows the decoder and the job is taken."""
+    from ray import serve
+
+    from latentqa_platform.serving import RequestError, ServeSettings
+    from serve.gateway import _request_error
+    from serve.steering import Steering
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="in-process"))
+    trained_at = json.loads((decoder.run_dir / "config.json").read_text())["patch"]["read_layer"]
+    settings = ServeSettings(
+        decoders={"local": str(decoder.folder)},
+        mlflow=decoder.mlflow_settings(),
+        overrides=["--steer.layers", str(trained_at + 2)],
+        verbose=True,
+    )
+    steering = Steering.func_or_class(settings.model_dump(mode="json"))
+    request = {"name": "elsewhere", "qa": [["What persona?", "A pirate."]], "steps": 1}
+    with pytest.raises(RequestError) as refused:
+        steering.submit(request, "decoder:local")
+    assert refused.value.field == "decoder" and refused.value.message == (
+        f"steer.layers {trained_at + 2} reads the control at block {trained_at + 1}, but the decoder reads block "
+        f"{trained_at}: leave steer.layers unset (it follows the decoder) or set it to {trained_at + 1}"
+    )
+    assert steering.pending == 0
+    response = asyncio.run(_request_error(_request("/v1/controls"), refused.value))
+    assert response.status_code == 422 and f"decoder reads block {trained_at}" in response.body.decode()
+
+
+def test_a_degenerate_control_fails_its_job_and_registers_nothing(decoder, monkeypatch):
+    """The Steering deployment's class in process: a control past the fluency bounds (here a
+    perplexity bound no control meets) ends its job failed, naming the figure, with its
+    steering report on the run and no adapter registered."""
+    from mlflow.tracking import MlflowClient
+    from ray import serve
+
+    from latentqa_platform import controls
+    from latentqa_platform.serving import ServeSettings
+    from serve.steering import Steering
+
+    monkeypatch.setattr(serve, "get_replica_context", lambda: SimpleNamespace(app_name="in-process"))
+    settings = ServeSettings(
+        decoders={"local": str(decoder.folder)},
+        mlflow=decoder.mlflow_settings(),
+        overrides=["--steer.max_perplexity_ratio", "0.001", "--steer.max_repeated_trigrams", "null"],
+        verbose=True,
+    )
+    steering = Steering.func_or_class(settings.model_dump(mode="json"))
+    job = steering.submit({"name": "garbled", "qa": [["What persona?", "A pirate."]], "steps": 2}, "decoder:local")
+    steering.queue.shutdown(wait=True)
+    status = controls.job_status(decoder.tracking_uri, job)
+    assert status["status"] == "failed" and status["adapter"] is None, status
+    assert status["error"].startswith("DegenerateControl: degenerate control: steered: perplexity"), status
+    assert status["error"].endswith("(bound 0.001x); not registered (see the run's steering/ report)"), status
+    client = MlflowClient(decoder.tracking_uri)
+    assert not client.search_model_versions("name='latentqa-control-garbled'")
+    metrics = client.get_run(job).data.metrics
+    assert metrics["steering/steered/perplexity_ratio"] > 0.001 and "steering/target/repeated_trigrams" in metrics
+    assert {a.path for a in client.list_artifacts(job, "steering")} >= {"steering/steering.json"}
 
 
 # ---------------------------------------------------------------- load and failure

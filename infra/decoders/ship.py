@@ -1,8 +1,10 @@
-"""Copy a trained decoder into `infra/decoders/NAME/` to ship it with the project, its weights cast
-to bfloat16 (half the bytes; LoRA weights lose nothing that matters to reading, and PEFT casts them
-back to the base model's dtype on load).
+"""Copy a trained adapter (a decoder into `infra/decoders/NAME/`, a control trained through it into
+`infra/controls/NAME/CONTROL/`) to ship it with the project, its weights cast to bfloat16 (half the
+bytes; LoRA weights lose nothing that matters here, and PEFT casts them back to the base model's
+dtype on load).
 
     .venv/bin/python infra/decoders/ship.py runs/smollm2-135m-instruct/decoder infra/decoders/smollm2-135m-instruct
+    .venv/bin/python infra/decoders/ship.py runs/steering/pirate/adapter-seed0 infra/controls/smollm2-135m-instruct/pirate
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ _WHERE = {
     "read": "reading",
     "score": "reading",
     "steer": "steering",
+    "load_control": "steering",
+    "SteeringEvaluation": "steering_evaluation",
     "evaluate": "evaluation",
     "run_suite": "suite",
 }

@@ -191,27 +191,69 @@ def cmd_score(args: argparse.Namespace, overrides: list[str]) -> None:
         print(json.dumps({"answer": scored.answer, "loss": round(scored.loss, 4)}))
 
 
+def _steer_prompts(path: Path) -> tuple[list[str], list[str]]:
+    """A prompt set's training and held-out prompts (a bare list: training only)."""
+    prompts = json.loads(Path(path).read_text())
+    return (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
+
+
 def cmd_steer(args: argparse.Namespace, overrides: list[str]) -> None:
-    from .models import CONTROL
-    from .steering import complete, steer
+    from .steering import load_control, steer
+    from .steering_evaluation import SteeringEvaluation
 
     config = _config(args, overrides)
-    control = json.loads(Path(args.control).read_text())
-    qa = [tuple(pair) for pair in (control["qa"] if isinstance(control, dict) else control)]
-    prompts = json.loads(Path(args.prompts).read_text())
-    train_prompts, heldout = (
-        (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
-    )
+    control = load_control(args.control)
+    if not control.qa:
+        raise ConfigError(f"{args.control}: qa: no control pairs (jobs/control.py reads them from the instruction)")
+    train_prompts, heldout = _steer_prompts(args.prompts)
     out = Path(args.out or RUNS_DIR / "controls" / f"{Path(args.control).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
     lqa = _load(config)
+    evaluation = SteeringEvaluation(lqa, control, heldout) if heldout else None
     result = steer(
-        lqa, qa, train_prompts, out, on_step=lambda step, loss: print(f"step {step}: control loss {loss:.3f}")
+        lqa, control.qa, train_prompts, out, on_step=lambda step, loss: print(f"step {step}: control loss {loss:.3f}")
     )
     print(f"control adapter saved to {result.adapter_dir}")
-    for prompt, before, after in zip(
-        heldout[: args.show], complete(lqa, heldout[: args.show]), complete(lqa, heldout[: args.show], CONTROL)
-    ):
+    if evaluation is None:
+        return
+    measured = evaluation.result([evaluation.steered()])
+    for prompt, before, after in list(zip(heldout, *(c.replies for c in measured.conditions)))[: args.show]:
         print(json.dumps({"prompt": prompt, "target": before, "steered": after}, ensure_ascii=False))
+    print(measured.table())
+    problem = measured.degenerate(config.steer)
+    if problem:
+        raise SystemExit(f"error: {problem} (adapter kept in {result.adapter_dir}; see docs/steering.md)")
+
+
+def cmd_evaluate_steering(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .models import CONTROL
+    from .steering import load_control, steer
+    from .steering_evaluation import SteeringEvaluation
+
+    config = _config(args, overrides)
+    control = load_control(args.control)
+    if not control.qa and not args.adapter:
+        raise ConfigError(f"{args.control}: qa: no control pairs to train on (give --adapter to evaluate one)")
+    train_prompts, heldout = _steer_prompts(args.prompts)
+    if not heldout:
+        raise ConfigError(f"{args.prompts}: no held-out prompts to evaluate on")
+    lqa = _load(config)
+    evaluation = SteeringEvaluation(lqa, control, heldout, args.max_new_tokens)
+    rows = evaluation.baselines(train_prompts)
+    if args.adapter:
+        lqa.model.adapters.load_frozen(args.adapter, CONTROL)
+        rows.append(evaluation.steered())
+    else:
+        out = args.output or RUNS_DIR / "controls" / f"{Path(args.control).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        for seed in args.seeds:
+            cfg = config.steer.model_copy(update={"seed": seed})
+            steer(lqa, control.qa, train_prompts, Path(out) / f"adapter-seed{seed}", cfg)
+            rows.append(evaluation.steered("steered" if len(args.seeds) == 1 else f"steered-seed{seed}"))
+    lqa.model.adapters.remove_control()
+    result = evaluation.result(rows)
+    print(result.table())
+    if args.output:
+        print(f"report in {result.write(args.output)}", file=sys.stderr)
+    print(json.dumps({"spread": result.spread(), "matched_vector": result.matched_vector, **result.as_metrics("")}))
 
 
 def cmd_evaluate(args: argparse.Namespace, overrides: list[str]) -> None:
@@ -271,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("score", "rank candidate answers to a question about a dialog by decoder loss", cmd_score),
         ("steer", "train a control adapter for the target from control QA pairs", cmd_steer),
         (
+            "evaluate-steering",
+            "a control's behaviour rate and fluency beside the prompted target and a steering vector",
+            cmd_evaluate_steering,
+        ),
+        (
             "evaluate",
             "the evaluation suite: held-out loss, identification by multiple choice and open-ended reading, baselines",
             cmd_evaluate,
@@ -295,13 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_p = sub.choices["evaluate"]
     add_suite_arguments(evaluate_p)
     evaluate_p.add_argument("--output", type=Path, help="write results.json, per_item.jsonl and figures to this folder")
+    for name in ("steer", "evaluate-steering"):
+        p = sub.choices[name]
+        p.add_argument("--control", type=Path, default=CONTROLS_DIR / "pirate.json", help="control file (JSON)")
+        p.add_argument(
+            "--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}'
+        )
     steer_p = sub.choices["steer"]
-    steer_p.add_argument("--control", type=Path, default=CONTROLS_DIR / "pirate.json", help="control QA pairs (JSON)")
-    steer_p.add_argument(
-        "--prompts", type=Path, default=STEER_PROMPTS, help='prompt set: {"train": [...], "heldout": [...]}'
-    )
     steer_p.add_argument("--out", type=Path, help="where to save the control adapter (must be new)")
-    steer_p.add_argument("--show", type=int, default=3, help="held-out prompts to complete before/after")
+    steer_p.add_argument("--show", type=int, default=3, help="held-out replies to print before/after")
+    steering_p = sub.choices["evaluate-steering"]
+    steering_p.add_argument("--adapter", type=Path, help="a trained control adapter (default: train one per seed)")
+    steering_p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train a control with each seed")
+    steering_p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply, in tokens")
+    steering_p.add_argument("--output", type=Path, help="report folder (steering.json, .md, .png) and adapters")
     return parser
 
 

@@ -158,10 +158,12 @@ class TrainConfig(StrictModel):
 
 
 class SteerConfig(StrictModel):
-    """Control (steering): a LoRA on the target's first blocks, trained through the frozen decoder."""
+    """Control (steering): a LoRA on the target's first blocks, trained through the frozen decoder,
+    read where the decoder reads."""
 
-    layers: int = Field(2, ge=1)
-    """Adapter on target blocks 0 .. layers-1, read at block layers-1 (SPEC, 8B: 16, read at L=15)."""
+    layers: int | None = Field(None, ge=1)
+    """Adapter on target blocks 0 .. layers-1, read at block layers-1; null: through the decoder's
+    read layer (SPEC, 8B: 16, read at L=15). A value that reads elsewhere than the decoder is refused."""
     r: int = Field(16, ge=1)
     """Control LoRA rank."""
     alpha: int = 32
@@ -176,8 +178,17 @@ class SteerConfig(StrictModel):
     """Prompts per step."""
     per_layer: bool = False
     """Decode from every controlled block, each loss reaching only its own block."""
+    kl_weight: float = Field(0.0, ge=0)
+    """Weight of a term that keeps the steered target's next-token distribution near the target's
+    on the target's own replies to the training prompts (KL(target || steered)); 0: none."""
     seed: int = 0
-    """Seed of prompt and QA sampling."""
+    """Seed of prompt and QA sampling and of the adapter's initialisation and dropout."""
+    max_perplexity_ratio: float | None = Field(3.0, gt=0)
+    """A control whose held-out completions' perplexity (under the target told to show the control)
+    exceeds this multiple of the target's own completions' is reported degenerate; null: unchecked."""
+    max_repeated_trigrams: float | None = Field(0.10, ge=0, le=1)
+    """A control whose held-out completions repeat more than this share of their word 3-grams (and
+    more than the target's own) is reported degenerate; null: unchecked."""
 
 
 class LatentQAConfig(StrictModel):

@@ -22,6 +22,9 @@ from pathlib import Path
 from .model_files import ModelFileError
 
 REGISTRY_GROUP = "latentqa.registries"
+# Beside a decoder's folder: the config it was trained with (`<run>/config.json` beside `<run>/decoder`,
+# written by `latentqa train` and jobs/train.py; a registered version's `config.json` artifact).
+TRAINED_CONFIG = "config.json"
 _ALIAS_REFERENCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*@[A-Za-z][A-Za-z0-9_-]*")
 
 
@@ -33,6 +36,12 @@ def registry_reference(decoder: str | Path) -> str | None:
     if _ALIAS_REFERENCE.fullmatch(text) and not Path(text).exists():
         return f"models:/{text}"
     return None
+
+
+def trained_config_file(folder: Path) -> Path | None:
+    """The config file `folder`'s decoder was trained with, if one sits beside it."""
+    found = Path(folder).parent / TRAINED_CONFIG
+    return found if found.is_file() else None
 
 
 def check_adapter_folder(folder: Path, named: str) -> None:

@@ -131,23 +131,20 @@ class AdapterSet:
             model = get_peft_model(base, _lora_config(lora), adapter_name=DECODER)
         return cls(model, {DECODER} if train_decoder else set())
 
-    def add_control(self, steer: SteerConfig, path: str | Path | None = None) -> None:
-        """A control adapter on target blocks 0..steer.layers-1 (new and trainable, or loaded and frozen)."""
+    def add_control(self, steer: SteerConfig, blocks: int) -> None:
+        """A new, trainable control adapter on target blocks 0..blocks-1."""
         if CONTROL in self.model.peft_config:
             self.model.delete_adapter(CONTROL)
-        if path is None:
-            config = LoraConfig(
-                r=steer.r,
-                lora_alpha=steer.alpha,
-                lora_dropout=steer.dropout,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-                layers_to_transform=list(range(steer.layers)),
-                task_type="CAUSAL_LM",
-            )
-            self.model.add_adapter(CONTROL, config)
-            self.trainable = {CONTROL}
-        else:
-            self.load_frozen(path, CONTROL)
+        config = LoraConfig(
+            r=steer.r,
+            lora_alpha=steer.alpha,
+            lora_dropout=steer.dropout,
+            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            layers_to_transform=list(range(blocks)),
+            task_type="CAUSAL_LM",
+        )
+        self.model.add_adapter(CONTROL, config)
+        self.trainable = {CONTROL}
         self._adapters_changed()
 
     def load_frozen(self, folder: str | Path, name: str) -> None:

@@ -129,6 +129,42 @@ class LatentQAModel(nn.Module):
                 handle.remove()
         return captured
 
+    @torch.no_grad()
+    def last_token_states(self, ids: torch.Tensor, attention: torch.Tensor, layer: int) -> torch.Tensor:
+        """Block `layer`'s output of the plain target at each left-padded row's last token, (B, d)."""
+        captured: list[torch.Tensor] = []
+
+        def hook(module, args, output):
+            captured.append(_hidden(output)[:, -1])
+            raise _StopForward
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            with self.adapters.use(None):
+                self.peft_model(
+                    input_ids=ids, attention_mask=attention, position_ids=positions(attention), use_cache=False
+                )
+        except _StopForward:
+            pass
+        finally:
+            handle.remove()
+        return captured[0]
+
+    @contextlib.contextmanager
+    def adding(self, layer: int, vector: torch.Tensor) -> Iterator[None]:
+        """Add `vector` to block `layer`'s output at every position, prompt and generated tokens
+        alike (activation steering: ActAdd, CAA)."""
+
+        def hook(module, args, output):
+            hidden = _hidden(output)
+            return _with_hidden(output, hidden + vector.to(hidden.dtype))
+
+        handle = self.blocks[layer].register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
     # ----- decoder ---------------------------------------------------------------------
     @contextlib.contextmanager
     def patched(self, write_patch_mask: torch.Tensor, acts: torch.Tensor | None) -> Iterator[None]:

@@ -12,6 +12,8 @@ PAPER_DATA = PROJECT_ROOT / "datasets" / "latentqa"  # the paper's evaluation se
 # Real tokenizers with their models' chat templates, fetched by infra/setup.sh (infra/tokenizers/)
 FETCHED_TOKENIZERS = PROJECT_ROOT / "infra" / "tokenizers" / "cache"
 CONTROLS_DIR = PROJECT_ROOT / "controls"
+# Control adapters trained through a shipped decoder: infra/controls/<decoder folder name>/<control>/
+SHIPPED_CONTROLS = PROJECT_ROOT / "infra" / "controls"
 RUNS_DIR = PROJECT_ROOT / "runs"
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from .chat_format import ChatFormat
-from .config import LatentQAConfig
+from .config import LatentQAConfig, PatchConfig
 from .data import Example
-from .decoders import decoder_folder
+from .decoders import decoder_folder, trained_config_file
 from .layout import Batch, LaidOutExample, Layout, Mode, collate
 from .models import AdapterSet, load_base, load_model_config, load_tokenizer
 from .patching import LatentQAModel
@@ -26,6 +26,19 @@ def layout_for(config: LatentQAConfig) -> Layout:
     return Layout(chat_format, thought_tokens=config.patch.thought_tokens, max_length=max_positions)
 
 
+def trained_patch(folder: Path) -> PatchConfig | None:
+    """Where the decoder in `folder` was trained to read and write: the `patch` section of the
+    config beside it (`decoders.trained_config_file`); None without one (the paper's decoder, a
+    shipped folder: their config file says it) or where that file is no LatentQA config."""
+    found = trained_config_file(folder)
+    if found is None:
+        return None
+    try:
+        return LatentQAConfig.model_validate_json(found.read_text()).patch
+    except (OSError, ValueError):  # e.g. a model's own config.json in the folder above: not ours
+        return None
+
+
 @dataclass
 class LatentQA:
     config: LatentQAConfig
@@ -33,6 +46,9 @@ class LatentQA:
     chat_format: ChatFormat
     layout: Layout
     model: LatentQAModel
+    decoder_read_layer: int
+    """The block the loaded decoder was trained to read: its training config's (beside its folder),
+    else `config.patch.read_layer`. Controls read there (latentqa.steering)."""
 
     @classmethod
     def load(
@@ -55,13 +71,15 @@ class LatentQA:
         with contextlib.ExitStack() as fetched:  # the decoder first: a bad reference fails before the base loads
             decoder_at = config.model.decoder_adapter
             folder = fetched.enter_context(decoder_folder(decoder_at, registry, config)) if decoder_at else None
+            trained = trained_patch(folder) if folder is not None else None
             adapters = AdapterSet.create(load_base(config.model), folder, config.lora, train_decoder)
         model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
         if not 0 <= config.patch.write_layer < model.num_layers:
             raise ValueError(
                 f"patch.write_layer {config.patch.write_layer} is outside the model's {model.num_layers} blocks"
             )
-        return cls(config, layout.chat_format.tokenizer, layout.chat_format, layout, model)
+        read_layer = (trained or config.patch).read_layer
+        return cls(config, layout.chat_format.tokenizer, layout.chat_format, layout, model, read_layer)
 
     @property
     def device(self) -> torch.device:

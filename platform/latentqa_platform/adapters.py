@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from latentqa.config import LatentQAConfig
-from latentqa.decoders import check_adapter_folder
+from latentqa.decoders import check_adapter_folder, trained_config_file
 from latentqa.model_files import ModelFileError
 from latentqa.models import AdapterSet
 
@@ -51,8 +51,8 @@ def fetch_adapter(uri: str, tracking_uri: str, download_dir: Path) -> FetchedAda
         check_adapter_folder(folder, uri)
     except ModelFileError as err:
         raise RequestError("adapter", str(err)) from None
-    config_file = folder.parent / "config.json"  # a run's config.json, or the registered `config.json` artifact
-    config = LatentQAConfig.model_validate_json(config_file.read_text()) if config_file.is_file() else None
+    config_file = trained_config_file(folder)  # a run's config.json, or the registered `config.json` artifact
+    config = LatentQAConfig.model_validate_json(config_file.read_text()) if config_file else None
     return FetchedAdapter(folder, config)
 
 

@@ -17,7 +17,8 @@ from latentqa.data import QAPair
 from latentqa.models import CONTROL
 from latentqa.reading import read
 from latentqa.session import LatentQA
-from latentqa.steering import complete, steer
+from latentqa.steering import ControlFile, steer
+from latentqa.steering_evaluation import SteeringEvaluation
 
 from .adapters import KIND_TAG
 from .settings import MlflowSettings, tracking_uri
@@ -74,61 +75,57 @@ def read_control(lqa: LatentQA, instruction: str, questions: Sequence[str]) -> l
     return list(zip(questions, answers))
 
 
-def train_control(
-    lqa: LatentQA,
-    run: RunRef,
-    registered_name: str,
-    qa: Sequence[QAPair],
-    prompts: Sequence[str],
-    tags: dict[str, str],
-    steps: int | None = None,
-    lr: float | None = None,
-) -> str:
-    """Steer, register the control adapter as a new version of `registered_name`, and return
-    `name/version`. Loss and progress go to the run at every step; the session keeps the
-    control adapter loaded (as `control`) so callers can complete with it."""
-    client = run.client()
-    client.update_run(run.run_id, status="RUNNING")
-    client.log_dict(run.run_id, {"qa": [list(pair) for pair in qa]}, "control.json")
-    cfg = lqa.config.steer.model_copy(update={k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None})
-
-    def on_step(step: int, loss: float) -> None:
-        log_metrics(run, {"control/loss": loss, "control/progress": (step + 1) / cfg.steps}, step + 1)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        adapter_dir = Path(tmp) / "adapter"
-        steer(lqa, list(qa), list(prompts), adapter_dir, cfg, on_step=on_step)
-        config_file = Path(tmp) / "config.json"
-        config_file.write_text(lqa.config.model_copy(update={"steer": cfg}).model_dump_json(indent=2))
-        adapter = register_adapter(run, adapter_dir, config_file, registered_name, {KIND_TAG: "control", **tags})
-    client.set_tag(run.run_id, ADAPTER_TAG, adapter)
-    return adapter
+class DegenerateControl(RuntimeError):
+    """The control's held-out replies are past the config's fluency bounds (`steer.max_*`)."""
 
 
 def run_job(
     lqa: LatentQA,
     run: RunRef,
     registered_name: str,
-    qa: Sequence[QAPair] | None,
-    instruction: str | None,
+    control: ControlFile,
     questions: Sequence[str],
     prompts: Sequence[str],
     tags: dict[str, str],
     steps: int | None = None,
     lr: float | None = None,
     heldout: Sequence[str] = (),
+    baselines: bool = False,
 ) -> str | None:
-    """A whole control job; the target's replies to `heldout` prompts without and with the new
-    control are logged as `completions.json`. A failure ends the run FAILED with the error as a
-    tag, and is not raised: the run is what the caller reports."""
+    """A whole control job: steer (loss and progress logged at every step), measure the target and
+    the steered target on the `heldout` prompts, with `baselines` the prompted target and the
+    steering vector too (`latentqa.steering_evaluation`: metrics `steering/*`, the replies, table
+    and figure as `steering/` artifacts), and register the adapter as a
+    new version of `registered_name` unless its language is degenerate. Returns `name/version`;
+    a failure, a degenerate control included, ends the run FAILED with the error as a tag and is
+    not raised: the run is what the caller reports. The session's control adapter is removed."""
     try:
-        pairs = list(qa) if qa else read_control(lqa, instruction or "", questions)
-        before = complete(lqa, list(heldout)) if heldout else []
-        adapter = train_control(lqa, run, registered_name, pairs, prompts, tags, steps, lr)
-        if heldout:
-            after = complete(lqa, list(heldout), adapter=CONTROL)
-            table = [{"prompt": p, "target": b, "steered": a} for p, b, a in zip(heldout, before, after)]
-            run.client().log_dict(run.run_id, table, "completions.json")
+        client = run.client()
+        client.update_run(run.run_id, status="RUNNING")
+        if not control.qa:
+            control = control.model_copy(update={"qa": read_control(lqa, control.instruction or "", questions)})
+        client.log_dict(run.run_id, {"qa": [list(pair) for pair in control.qa]}, "control.json")
+        cfg = lqa.config.steer.model_copy(update={k: v for k, v in (("steps", steps), ("lr", lr)) if v is not None})
+        evaluation = SteeringEvaluation(lqa, control, heldout) if heldout else None
+        compared = evaluation.baselines(prompts) if evaluation and baselines else []
+
+        def on_step(step: int, loss: float) -> None:
+            log_metrics(run, {"control/loss": loss, "control/progress": (step + 1) / cfg.steps}, step + 1)
+
+        with tempfile.TemporaryDirectory() as tmp:
+            adapter_dir = Path(tmp) / "adapter"
+            steer(lqa, list(control.qa), list(prompts), adapter_dir, cfg, on_step=on_step)
+            if evaluation is not None:
+                measured = evaluation.result([*compared, evaluation.steered()])
+                log_metrics(run, measured.as_metrics(), cfg.steps)
+                client.log_artifacts(run.run_id, str(measured.write(Path(tmp) / "steering")), "steering")
+                problem = measured.degenerate(cfg)
+                if problem:
+                    raise DegenerateControl(f"{problem}; not registered (see the run's steering/ report)")
+            config_file = Path(tmp) / "config.json"
+            config_file.write_text(lqa.config.model_copy(update={"steer": cfg}).model_dump_json(indent=2))
+            adapter = register_adapter(run, adapter_dir, config_file, registered_name, {KIND_TAG: "control", **tags})
+        client.set_tag(run.run_id, ADAPTER_TAG, adapter)
         finish_run(run)
         return adapter
     except Exception as err:  # the job's state is all the caller sees

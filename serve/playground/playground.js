@@ -378,7 +378,7 @@ function newConversation() {
 // ---------------------------------------------------------------- start
 
 async function loadChoices() {
-  const [decoders, target] = await Promise.all([getJson("/v1/decoders"), getJson("/v1/target")]);
+  const [decoders, target, models] = await Promise.all([getJson("/v1/decoders"), getJson("/v1/target"), getJson("/v1/models")]);
   $("decoder").replaceChildren(...decoders.decoders.map((d) => new Option(d.name, d.name, false, d.name === decoders.default)));
   const layers = $("read-layer");
   layers.replaceChildren(layers.options[0]);
@@ -388,6 +388,12 @@ async function loadChoices() {
   state.systemPlacement = target.system_placement;
   renderDialog();
   $("target-title").textContent = `Target (${target.name})`;
+  // A configured control (e.g. one shipped with the decoder) is the steered side until a new control is trained.
+  const shipped = models.data.map((m) => m.id).find((id) => id !== target.name && !id.includes("/"));
+  if (shipped && !state.steered) {
+    state.steered = shipped;
+    $("steered-title").textContent = `Steered (${shipped})`;
+  }
   if (!$("questions").value) $("questions").value = target.questions.join("\n");
   if (!$("score-question").value) $("score-question").value = target.questions[0];
   if (!$("contrast").value) $("contrast").value = JSON.stringify(target.contrast_dialog, null, 2);
