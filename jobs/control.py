@@ -82,11 +82,11 @@ def control_task(
 
 def decoder_read_layer(decoder: str, tracking_uri: str, config) -> int:
     """The block `decoder` was trained to read: its training config's, else the job's config's."""
+    from latentqa.decoders import trained_read_layer
     from latentqa_platform.adapters import fetch_adapter
 
     with tempfile.TemporaryDirectory() as tmp:
-        trained = fetch_adapter(decoder, tracking_uri, Path(tmp)).config
-    return (trained or config).patch.read_layer
+        return trained_read_layer(fetch_adapter(decoder, tracking_uri, Path(tmp)).folder, config.patch.read_layer)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give exactly one of --control FILE and --instruction TEXT")
     control = load_control(args.control) if args.control else None
     request = {
-        "name": args.name or control.name,
+        "name": args.name or (control.name if control else None),
         **({"qa": control.qa} if control and control.qa else {"instruction": args.instruction or control.instruction}),
     }
     try:
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"control job failed: {status['error']}", file=sys.stderr)
         return 1
     print(f"registered control adapter {adapter} (final loss {status['loss']:.3f})")
-    if args.heldout:
+    if args.heldout and ServeSettings().read_prompts()[1]:  # measured on held-out prompts: show them
         import mlflow
 
         mlflow.set_tracking_uri(run.tracking_uri)

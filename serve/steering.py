@@ -37,6 +37,7 @@ class Steering:
         self.queue = ThreadPoolExecutor(1, thread_name_prefix="latentqa-steer")
         self.pending, self.pending_lock = 0, threading.Lock()  # jobs queued or running
         self.session = None  # (decoder id, LatentQA): kept while jobs use the same decoder
+        self.read_layers: dict[str, int] = {}  # decoder id -> the block it was trained to read
 
     def submit(self, request: dict, decoder_id: str) -> str:
         from latentqa.paths import RUNS_DIR
@@ -46,11 +47,15 @@ class Steering:
         texts |= {f"questions.{i}": text for i, text in enumerate(body.questions or [])}
         texts |= {"instruction": body.instruction} if body.instruction else {}
         check_tokens(self._tokens, texts, self.settings.max_turn_tokens)
-        self._check_read_layer(decoder_id)
         with self.pending_lock:
             if self.pending >= self.settings.max_queued_controls:
                 raise Overloaded("name", f"{self.pending} control jobs are queued or running; retry later")
             self.pending += 1
+        try:
+            self._check_read_layer(decoder_id)
+        except BaseException:
+            self._done()
+            raise
 
         params = {
             "steps": str(body.steps or self.settings.engine_config().steer.steps),
@@ -68,15 +73,18 @@ class Steering:
     def _check_read_layer(self, decoder_id: str) -> None:
         """Refuse (422) a control that this app's `steer.layers` would read elsewhere than the decoder."""
         from latentqa.config import ConfigError
+        from latentqa.decoders import trained_read_layer
         from latentqa.steering import control_read_layer
 
         config = self.settings.engine_config()
         if config.steer.layers is None:
             return  # the control follows the decoder
-        with tempfile.TemporaryDirectory() as tmp:
-            trained = self.catalog.fetch(decoder_id, Path(tmp)).config
+        if decoder_id not in self.read_layers:  # an id names one version: its read layer never changes
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = self.catalog.fetch(decoder_id, Path(tmp)).folder
+                self.read_layers[decoder_id] = trained_read_layer(folder, config.patch.read_layer)
         try:
-            control_read_layer(config.steer, (trained or config).patch.read_layer)
+            control_read_layer(config.steer, self.read_layers[decoder_id])
         except ConfigError as err:
             raise RequestError("decoder", str(err)) from None
 

@@ -15,7 +15,15 @@ from latentqa.config import ConfigError
 from latentqa.models import DECODER
 from latentqa.paths import CONTROLS_DIR, PROJECT_ROOT, STEER_PROMPTS
 from latentqa.steering import ControlFile, JudgeSpec, load_control, reply_ids, steer
-from latentqa.steering_evaluation import SteeringEvaluation, judge, perplexity, repeated_trigram_share, steering_vector
+from latentqa.steering_evaluation import (
+    Condition,
+    SteeringEvaluation,
+    SteeringResult,
+    judge,
+    perplexity,
+    repeated_trigram_share,
+    steering_vector,
+)
 
 PROMPTS = json.loads(STEER_PROMPTS.read_text())
 PIRATE = load_control(CONTROLS_DIR / "pirate.json")
@@ -186,7 +194,6 @@ def test_steering_evaluation_reports_every_condition(offline_session, tmp_path):
         assert len(c.replies) == 4 and 0 <= c.behaviour_rate <= 1 and c.perplexity > 0
         assert c.behaviour_rate == sum(judge(control.judge)(r) for r in c.replies) / 4
         assert c.repeated_trigrams == pytest.approx(sum(map(repeated_trigram_share, c.replies)) / 4)
-    assert result.matched_vector in ("vector-x1", "vector-x4")
     metrics = result.as_metrics()
     assert metrics["steering/steered/behaviour_rate"] == result.conditions[-1].behaviour_rate
     strict = lqa.config.steer.model_copy(update={"max_perplexity_ratio": 1e-3, "max_repeated_trigrams": None})
@@ -215,3 +222,82 @@ def test_a_bad_control_file_is_named(tmp_path):
     bad.write_text(json.dumps({"name": "x"}))
     with pytest.raises(ConfigError, match="a control needs qa pairs or an instruction"):
         load_control(bad)
+
+
+def test_the_shipped_smollm2_controls_sit_where_its_decoder_reads():
+    """Each control shipped for SmolLM2's decoder is a safetensors PEFT adapter for SmolLM2 on
+    blocks 0..12 (the decoder reads block 12), and the Serve app offers them as chat models."""
+    from latentqa.config import load_config
+    from latentqa.paths import SHIPPED_CONTROLS
+    from serve.app import shipped_controls
+
+    config = load_config(PROJECT_ROOT / "infra" / "configs" / "smollm2-135m-instruct.yaml")
+    decoder = PROJECT_ROOT / config.model.decoder_adapter
+    shipped = shipped_controls(decoder.name)
+    assert "pirate" in shipped and shipped_controls("no-such-decoder") == {}
+    target = json.loads((decoder / "latentqa_target.json").read_text())
+    for name, folder in shipped.items():
+        folder = SHIPPED_CONTROLS / decoder.name / name
+        assert {p.name for p in folder.iterdir()} == {
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "latentqa_target.json",
+        }, name
+        assert json.loads((folder / "latentqa_target.json").read_text()) == target, name
+        layers = json.loads((folder / "adapter_config.json").read_text())["layers_to_transform"]
+        assert layers == list(range(config.patch.read_layer + 1)), name
+        assert load_control(CONTROLS_DIR / f"{name}.json").name == name
+
+
+def test_the_matched_vector_is_the_strongest_as_fluent():
+    def row(name, rate, perplexity_ratio, repeats):
+        return Condition(name, [], rate, 1.0, perplexity_ratio, repeats)
+
+    vectors = [
+        row("vector-x1", 0.2, 1.1, 0.05),
+        row("vector-x2", 0.6, 1.9, 0.05),
+        row("vector-x4", 0.9, 4.0, 0.05),  # shows it more, but less fluent than the control
+        row("vector-x8", 0.95, 1.5, 0.50),  # repeats itself more than the control
+    ]
+    target = row("target", 0.0, 1.0, 0.0)
+    result = SteeringResult("c", 1, [], [target, *vectors, row("steered", 0.9, 2.0, 0.1)])
+    assert result.matched_vector == "vector-x2"
+    none_as_fluent = SteeringResult("c", 1, [], [target, *vectors, row("steered", 0.9, 1.05, 0.01)])
+    assert none_as_fluent.matched_vector == "vector-x1"  # then the most fluent one
+    seeds = [row("steered-seed0", 0.9, 1.2, 0.1), row("steered-seed1", 0.7, 2.0, 0.2)]
+    spread = SteeringResult("c", 1, [], [target, *vectors, *seeds])
+    assert spread.matched_vector == "vector-x2"  # as fluent as the worst seed
+    assert spread.spread() == {
+        "behaviour_rate": [0.7, 0.9],
+        "perplexity_ratio": [1.2, 2.0],
+        "repeated_trigrams": [0.1, 0.2],
+    }
+
+
+def test_the_kl_term_is_zero_until_the_control_moves_the_target(offline_session):
+    from latentqa.steering import _drift, _own_replies
+
+    lqa = offline_session
+    rows = _own_replies(lqa, PROMPTS["train"][:3])
+    lqa.model.adapters.add_control(lqa.config.steer, 2)  # LoRA B starts at zero: the target itself
+    try:
+        assert float(_drift(lqa, rows)) == pytest.approx(0.0, abs=1e-6)
+        with torch.no_grad():
+            for name, param in lqa.model.peft_model.named_parameters():
+                if ".control." in name and "lora_B" in name:
+                    param.normal_(std=0.5)
+        assert float(_drift(lqa, rows)) > 1e-3
+    finally:
+        lqa.model.adapters.remove_control()
+
+
+def test_a_decoders_read_layer_is_read_loosely_from_the_config_beside_it(tmp_path):
+    from latentqa.decoders import trained_read_layer
+
+    folder = tmp_path / "decoder"
+    folder.mkdir()
+    assert trained_read_layer(folder, 7) == 7  # no config beside it
+    (tmp_path / "config.json").write_text(json.dumps({"patch": {"read_layer": 12}, "from_a_later_version": 1}))
+    assert trained_read_layer(folder, 7) == 12
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))  # a model's
+    assert trained_read_layer(folder, 7) == 7

@@ -191,13 +191,13 @@ def cmd_score(args: argparse.Namespace, overrides: list[str]) -> None:
         print(json.dumps({"answer": scored.answer, "loss": round(scored.loss, 4)}))
 
 
-def _steer_prompts(path: Path) -> tuple[list[str], list[str]]:
-    """A prompt set's training and held-out prompts (a bare list: training only)."""
-    prompts = json.loads(Path(path).read_text())
-    return (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
+def _controls_folder(control: Path) -> Path:
+    """Where a control's adapters go when no folder is given: a new one under runs/controls/."""
+    return RUNS_DIR / "controls" / f"{control.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def cmd_steer(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .data import read_prompt_set
     from .steering import load_control, steer
     from .steering_evaluation import SteeringEvaluation
 
@@ -205,8 +205,8 @@ def cmd_steer(args: argparse.Namespace, overrides: list[str]) -> None:
     control = load_control(args.control)
     if not control.qa:
         raise ConfigError(f"{args.control}: qa: no control pairs (jobs/control.py reads them from the instruction)")
-    train_prompts, heldout = _steer_prompts(args.prompts)
-    out = Path(args.out or RUNS_DIR / "controls" / f"{Path(args.control).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    train_prompts, heldout = read_prompt_set(args.prompts)
+    out = Path(args.out or _controls_folder(args.control))
     lqa = _load(config)
     evaluation = SteeringEvaluation(lqa, control, heldout) if heldout else None
     result = steer(
@@ -225,6 +225,7 @@ def cmd_steer(args: argparse.Namespace, overrides: list[str]) -> None:
 
 
 def cmd_evaluate_steering(args: argparse.Namespace, overrides: list[str]) -> None:
+    from .data import read_prompt_set
     from .models import CONTROL
     from .steering import load_control, steer
     from .steering_evaluation import SteeringEvaluation
@@ -233,7 +234,7 @@ def cmd_evaluate_steering(args: argparse.Namespace, overrides: list[str]) -> Non
     control = load_control(args.control)
     if not control.qa and not args.adapter:
         raise ConfigError(f"{args.control}: qa: no control pairs to train on (give --adapter to evaluate one)")
-    train_prompts, heldout = _steer_prompts(args.prompts)
+    train_prompts, heldout = read_prompt_set(args.prompts)
     if not heldout:
         raise ConfigError(f"{args.prompts}: no held-out prompts to evaluate on")
     lqa = _load(config)
@@ -243,7 +244,7 @@ def cmd_evaluate_steering(args: argparse.Namespace, overrides: list[str]) -> Non
         lqa.model.adapters.load_frozen(args.adapter, CONTROL)
         rows.append(evaluation.steered())
     else:
-        out = args.output or RUNS_DIR / "controls" / f"{Path(args.control).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        out = args.output or _controls_folder(args.control)
         for seed in args.seeds:
             cfg = config.steer.model_copy(update={"seed": seed})
             steer(lqa, control.qa, train_prompts, Path(out) / f"adapter-seed{seed}", cfg)

@@ -283,3 +283,13 @@ def load_examples(spec: DatasetSpec) -> list[Example]:
         keep = round(len(examples) * spec.train_percent)
         examples = random.Random(spec.seed).sample(examples, keep)
     return examples
+
+
+def read_prompt_set(path: str | Path) -> tuple[list[str], list[str]]:
+    """A steering prompt set's training and held-out prompts: `{"train": [...], "heldout": [...]}`,
+    or a bare list (training prompts only)."""
+    try:
+        prompts = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the prompt set: {err}") from None
+    return (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])

@@ -13,6 +13,7 @@ A plugin is a callable `fetch(reference, download_dir, registry, config) -> Path
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import tempfile
 from collections.abc import Callable, Iterator
@@ -42,6 +43,18 @@ def trained_config_file(folder: Path) -> Path | None:
     """The config file `folder`'s decoder was trained with, if one sits beside it."""
     found = Path(folder).parent / TRAINED_CONFIG
     return found if found.is_file() else None
+
+
+def trained_read_layer(folder: Path, default: int) -> int:
+    """The block the decoder in `folder` was trained to read: `patch.read_layer` of the config beside
+    it (`trained_config_file`), read loosely (a config of another version of this project still
+    says it), else `default` (no such file, or a file that is not ours: a model's own config.json)."""
+    found = trained_config_file(folder)
+    try:
+        layer = json.loads(found.read_text())["patch"]["read_layer"] if found else None
+    except (OSError, ValueError, KeyError, TypeError):
+        layer = None
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 else default
 
 
 def check_adapter_folder(folder: Path, named: str) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 
 from .chat_format import ChatFormat
-from .config import LatentQAConfig, PatchConfig
+from .config import LatentQAConfig
 from .data import Example
-from .decoders import decoder_folder, trained_config_file
+from .decoders import decoder_folder, trained_read_layer
 from .layout import Batch, LaidOutExample, Layout, Mode, collate
 from .models import AdapterSet, load_base, load_model_config, load_tokenizer
 from .patching import LatentQAModel
@@ -24,19 +24,6 @@ def layout_for(config: LatentQAConfig) -> Layout:
     max_positions = getattr(load_model_config(config.model), "max_position_embeddings", None)
     chat_format = ChatFormat(load_tokenizer(config.model))
     return Layout(chat_format, thought_tokens=config.patch.thought_tokens, max_length=max_positions)
-
-
-def trained_patch(folder: Path) -> PatchConfig | None:
-    """Where the decoder in `folder` was trained to read and write: the `patch` section of the
-    config beside it (`decoders.trained_config_file`); None without one (the paper's decoder, a
-    shipped folder: their config file says it) or where that file is no LatentQA config."""
-    found = trained_config_file(folder)
-    if found is None:
-        return None
-    try:
-        return LatentQAConfig.model_validate_json(found.read_text()).patch
-    except (OSError, ValueError):  # e.g. a model's own config.json in the folder above: not ours
-        return None
 
 
 @dataclass
@@ -71,14 +58,13 @@ class LatentQA:
         with contextlib.ExitStack() as fetched:  # the decoder first: a bad reference fails before the base loads
             decoder_at = config.model.decoder_adapter
             folder = fetched.enter_context(decoder_folder(decoder_at, registry, config)) if decoder_at else None
-            trained = trained_patch(folder) if folder is not None else None
+            read_layer = trained_read_layer(folder, config.patch.read_layer) if folder else config.patch.read_layer
             adapters = AdapterSet.create(load_base(config.model), folder, config.lora, train_decoder)
         model = LatentQAModel(adapters, write_layer=config.patch.write_layer, mode=config.patch.mode)
         if not 0 <= config.patch.write_layer < model.num_layers:
             raise ValueError(
                 f"patch.write_layer {config.patch.write_layer} is outside the model's {model.num_layers} blocks"
             )
-        read_layer = (trained or config.patch).read_layer
         return cls(config, layout.chat_format.tokenizer, layout.chat_format, layout, model, read_layer)
 
     @property

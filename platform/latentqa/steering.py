@@ -132,10 +132,17 @@ def steer(
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; choose a new output folder")
-    cuda = [lqa.device] if lqa.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):  # seeded LoRA init and dropout, the caller's RNG untouched
+    # Seeded LoRA init and dropout; manual_seed reseeds every GPU, so all are forked and the caller's
+    # random state is untouched.
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
         torch.manual_seed(cfg.seed)
-        losses = _train_control(lqa, control, prompts, cfg, read_layer, references, on_step)
+        try:
+            losses = _train_control(lqa, control, prompts, cfg, read_layer, references, on_step)
+        except BaseException:
+            lqa.model.adapters.remove_control()  # no half-trained control left on the target
+            raise
+        finally:
+            lqa.model.eval()
     lqa.model.adapters.save(CONTROL, out_dir)
     return SteerResult(out_dir, losses)
 
@@ -175,7 +182,6 @@ def _train_control(
         losses.append(float(loss.detach()))
         if on_step:
             on_step(step, losses[-1])
-    lqa.model.eval()
     return losses
 
 
@@ -196,6 +202,8 @@ def _drift(lqa: LatentQA, rows: list[tuple[list[int], int]]) -> torch.Tensor:
     scored = torch.zeros_like(ids, dtype=torch.bool)
     for row, (full, start) in enumerate(rows):
         scored[row, ids.shape[1] - len(full) + start - 1 : -1] = True  # positions that predict a reply token
+    if not scored.any():  # the target ended every reply at once: nothing to keep steady
+        return torch.zeros((), device=ids.device)
     model, pos = lqa.model.peft_model, positions(attention)
     with torch.no_grad(), lqa.model.adapters.use(None):
         plain = model(input_ids=ids, attention_mask=attention, position_ids=pos).logits[scored].float()

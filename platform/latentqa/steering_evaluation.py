@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from .config import SteerConfig
 from .layout import left_pad
 from .models import CONTROL
+from .patching import positions
 from .session import LatentQA
 from .steering import ControlFile, JudgeSpec, Prompt, control_read_layer, reply_ids
 
@@ -81,9 +82,7 @@ def perplexity(lqa: LatentQA, prompts: Sequence[Prompt], replies: Sequence[list[
     for row, (start, full) in enumerate(zip(starts, rows)):
         labels[row, width - len(full) + start :] = ids[row, width - len(full) + start :]
     with lqa.model.evaluating(), lqa.model.adapters.use(None):
-        logits = lqa.model.peft_model(
-            input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0)
-        ).logits
+        logits = lqa.model.peft_model(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits
     targets = labels[:, 1:]
     keep = targets != -100
     if not keep.any():

@@ -71,7 +71,7 @@ def fail_orphaned_jobs(settings: MlflowSettings, output_dir: Path, owner: str) -
 
 def read_control(lqa: LatentQA, instruction: str, questions: Sequence[str]) -> list[QAPair]:
     """The paper's way to get a control: read the target under the instruction."""
-    [answers] = read(lqa, [[{"role": "user", "content": instruction}]], list(questions))
+    [answers] = read(lqa, [[{"role": "user", "content": instruction}]], list(questions), lqa.decoder_read_layer)
     return list(zip(questions, answers))
 
 

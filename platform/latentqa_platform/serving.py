@@ -8,7 +8,6 @@ before any model work; only the per-turn token limit needs the tokenizer and is 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
 
 from latentqa.config import LatentQAConfig, StrictModel, load_config
+from latentqa.data import read_prompt_set
 from latentqa.paths import RUNS_DIR, STEER_PROMPTS
 
 from .settings import MlflowSettings, tracking_uri
@@ -136,8 +136,7 @@ class ServeSettings(StrictModel):
         return next(iter(self.decoders))
 
     def read_prompts(self) -> tuple[list[str], list[str]]:
-        prompts = json.loads(Path(self.steer_prompts).read_text())
-        return (prompts["train"], prompts.get("heldout", [])) if isinstance(prompts, dict) else (prompts, [])
+        return read_prompt_set(self.steer_prompts)
 
 
 # ---------------------------------------------------------------- errors
