@@ -102,6 +102,43 @@ def test_the_cli_refuses_a_disagreeing_steer_layers_in_one_line(decoder_run, tmp
     assert "Traceback" not in proc.stderr and not (tmp_path / "control").exists()
 
 
+@pytest.mark.slow
+def test_the_cli_evaluates_a_control_over_seeds_beside_the_baselines(decoder_run, tmp_path):
+    def cli(*args):
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "latentqa.cli",
+                "evaluate-steering",
+                "--decoder",
+                str(decoder_run / "decoder"),
+                *args,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=PROJECT_ROOT,
+            timeout=600,
+        )
+
+    proc = cli("--steer.steps", "2", "--seeds", "0", "1", "--max-new-tokens", "6", "--output", str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "steering.json").read_text())
+    names = [c["name"] for c in report["conditions"]]
+    assert names == ["target", "prompted", "vector-x1", "vector-x2", "vector-x4", "vector-x8"] + [
+        "steered-seed0",
+        "steered-seed1",
+    ]
+    assert report["read_layer"] == 2 and len(report["prompts"]) == len(PROMPTS["heldout"])
+    assert set(report["spread"]) == {"behaviour_rate", "perplexity_ratio", "repeated_trigrams"}
+    assert (tmp_path / "out" / "adapter-seed1" / "adapter_model.safetensors").is_file()
+    assert "| steered-seed1 |" in proc.stdout
+    refused = cli("--adapter", str(tmp_path / "out" / "adapter-seed0"), "--seeds", "1")
+    assert refused.returncode != 0 and refused.stderr.strip().splitlines()[-1] == (
+        "error: give --adapter (evaluate that one) or --seeds (train one per seed), not both"
+    )
+
+
 def test_the_same_seed_gives_the_same_adapter(offline_session, tmp_path):
     from safetensors.torch import load_file
 

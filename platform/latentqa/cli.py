@@ -234,6 +234,9 @@ def cmd_evaluate_steering(args: argparse.Namespace, overrides: list[str]) -> Non
     control = load_control(args.control)
     if not control.qa and not args.adapter:
         raise ConfigError(f"{args.control}: qa: no control pairs to train on (give --adapter to evaluate one)")
+    if args.adapter and args.seeds:
+        raise ConfigError("give --adapter (evaluate that one) or --seeds (train one per seed), not both")
+    seeds = args.seeds or [config.steer.seed]
     train_prompts, heldout = read_prompt_set(args.prompts)
     if not heldout:
         raise ConfigError(f"{args.prompts}: no held-out prompts to evaluate on")
@@ -245,10 +248,10 @@ def cmd_evaluate_steering(args: argparse.Namespace, overrides: list[str]) -> Non
         rows.append(evaluation.steered())
     else:
         out = args.output or _controls_folder(args.control)
-        for seed in args.seeds:
+        for seed in seeds:
             cfg = config.steer.model_copy(update={"seed": seed})
             steer(lqa, control.qa, train_prompts, Path(out) / f"adapter-seed{seed}", cfg)
-            rows.append(evaluation.steered("steered" if len(args.seeds) == 1 else f"steered-seed{seed}"))
+            rows.append(evaluation.steered("steered" if len(seeds) == 1 else f"steered-seed{seed}"))
     lqa.model.adapters.remove_control()
     result = evaluation.result(rows)
     print(result.table())
@@ -354,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     steer_p.add_argument("--show", type=int, default=3, help="held-out replies to print before/after")
     steering_p = sub.choices["evaluate-steering"]
     steering_p.add_argument("--adapter", type=Path, help="a trained control adapter (default: train one per seed)")
-    steering_p.add_argument("--seeds", type=int, nargs="+", default=[0], help="train a control with each seed")
+    steering_p.add_argument(
+        "--seeds", type=int, nargs="+", help="train a control with each seed (default: steer.seed, once)"
+    )
     steering_p.add_argument("--max-new-tokens", type=int, default=48, help="longest reply, in tokens")
     steering_p.add_argument("--output", type=Path, help="report folder (steering.json, .md, .png) and adapters")
     return parser
