@@ -216,13 +216,32 @@ class LatentQAModel(nn.Module):
             ).last_hidden_state
             targets = batch.labels[:, 1:]
             keep = targets != IGNORE_INDEX
-            logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep])
-            softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
-            if softcap:
-                logits = torch.tanh(logits / softcap) * softcap
+            logits = self._head(hidden[:, :-1][keep])
             token_losses = torch.zeros(targets.shape, dtype=torch.float32, device=hidden.device)
             token_losses[keep] = F.cross_entropy(logits.float(), targets[keep], reduction="none")
         return token_losses
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head (and its soft-capping, Gemma 2) over rows of final hidden states."""
+        causal_lm = self.peft_model.get_base_model()
+        logits = causal_lm.get_output_embeddings()(hidden)
+        softcap = getattr(causal_lm.config, "final_logit_softcapping", None)
+        return torch.tanh(logits / softcap) * softcap if softcap else logits
+
+    def logits_at(
+        self, ids: torch.Tensor, attention: torch.Tensor, keep: torch.Tensor, adapter: str | None
+    ) -> torch.Tensor:
+        """Next-token logits of a left-padded batch at the positions `keep` selects, (sum of keep, V),
+        with `adapter` active (None: the plain target). Only those rows go through the LM head."""
+        with self.adapters.use(adapter):
+            hidden = (
+                self.peft_model.get_base_model()
+                .get_decoder()(
+                    input_ids=ids, attention_mask=attention, position_ids=positions(attention), use_cache=False
+                )
+                .last_hidden_state
+            )
+        return self._head(hidden[keep])
 
     def decoder_loss(self, batch: Batch, acts: torch.Tensor | None, shift: bool) -> torch.Tensor:
         """Mean cross-entropy over all label tokens of the batch (the train objective)."""

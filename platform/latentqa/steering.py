@@ -194,21 +194,29 @@ def _own_replies(lqa: LatentQA, prompts: Sequence[str]) -> list[tuple[list[int],
     return rows
 
 
+def reply_positions(
+    lqa: LatentQA, rows: Sequence[tuple[list[int], int]]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of (ids, where the reply starts) left-padded on the session's device, as (ids,
+    attention, keep, targets): `keep` marks the positions that predict a reply token and
+    `targets` holds those tokens, in `keep`'s order."""
+    ids, attention = left_pad([full for full, _ in rows], lqa.chat_format.pad_id)
+    keep = torch.zeros_like(ids, dtype=torch.bool)
+    for row, (full, start) in enumerate(rows):
+        keep[row, ids.shape[1] - len(full) + start - 1 : -1] = True
+    targets = ids[:, 1:][keep[:, :-1]]
+    return ids.to(lqa.device), attention.to(lqa.device), keep.to(lqa.device), targets.to(lqa.device)
+
+
 def _drift(lqa: LatentQA, rows: list[tuple[list[int], int]]) -> torch.Tensor:
     """KL(target || steered) of the next-token distributions over the replies' tokens: how far
     the control has moved the target's language on neutral text."""
-    ids, attention = left_pad([ids for ids, _ in rows], lqa.chat_format.pad_id)
-    ids, attention = ids.to(lqa.device), attention.to(lqa.device)
-    scored = torch.zeros_like(ids, dtype=torch.bool)
-    for row, (full, start) in enumerate(rows):
-        scored[row, ids.shape[1] - len(full) + start - 1 : -1] = True  # positions that predict a reply token
-    if not scored.any():  # the target ended every reply at once: nothing to keep steady
+    ids, attention, keep, _ = reply_positions(lqa, rows)
+    if not keep.any():  # the target ended every reply at once: nothing to keep steady
         return torch.zeros((), device=ids.device)
-    model, pos = lqa.model.peft_model, positions(attention)
-    with torch.no_grad(), lqa.model.adapters.use(None):
-        plain = model(input_ids=ids, attention_mask=attention, position_ids=pos).logits[scored].float()
-    with lqa.model.adapters.use(CONTROL):
-        steered = model(input_ids=ids, attention_mask=attention, position_ids=pos).logits[scored].float()
+    with torch.no_grad():
+        plain = lqa.model.logits_at(ids, attention, keep, None).float()
+    steered = lqa.model.logits_at(ids, attention, keep, CONTROL).float()
     return F.kl_div(F.log_softmax(steered, -1), F.log_softmax(plain, -1), log_target=True, reduction="batchmean")
 
 

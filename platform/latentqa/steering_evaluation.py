@@ -34,9 +34,8 @@ import torch.nn.functional as F
 from .config import SteerConfig
 from .layout import left_pad
 from .models import CONTROL
-from .patching import positions
 from .session import LatentQA
-from .steering import ControlFile, JudgeSpec, Prompt, control_read_layer, reply_ids
+from .steering import ControlFile, JudgeSpec, Prompt, control_read_layer, reply_ids, reply_positions
 
 VECTOR_COEFFICIENTS = (1.0, 2.0, 4.0, 8.0)
 _WORD = re.compile(r"[a-z0-9']+")
@@ -69,26 +68,16 @@ def _dialog(prompt: Prompt, system: str | None) -> list[dict[str, str]]:
 def perplexity(lqa: LatentQA, prompts: Sequence[Prompt], replies: Sequence[list[int]], system: str | None) -> float:
     """exp(mean negative log-likelihood per reply token) of `replies` under the plain target,
     each after its prompt (with `system` as a system prompt when given)."""
-    fmt = lqa.chat_format
-    rows, starts = [], []
+    rows = []
     for prompt, reply in zip(prompts, replies):
-        context = fmt.prompt_ids(_dialog(prompt, system))
-        rows.append(context + list(reply))
-        starts.append(len(context))
-    ids, attention = left_pad(rows, fmt.pad_id)
-    ids, attention = ids.to(lqa.device), attention.to(lqa.device)
-    labels = torch.full_like(ids, -100)
-    width = ids.shape[1]
-    for row, (start, full) in enumerate(zip(starts, rows)):
-        labels[row, width - len(full) + start :] = ids[row, width - len(full) + start :]
-    with lqa.model.evaluating(), lqa.model.adapters.use(None):
-        logits = lqa.model.peft_model(input_ids=ids, attention_mask=attention, position_ids=positions(attention)).logits
-    targets = labels[:, 1:]
-    keep = targets != -100
+        context = lqa.chat_format.prompt_ids(_dialog(prompt, system))
+        rows.append((context + list(reply), len(context)))
+    ids, attention, keep, targets = reply_positions(lqa, rows)
     if not keep.any():
         return float("nan")
-    nll = F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="mean")
-    return math.exp(float(nll))
+    with lqa.model.evaluating():
+        logits = lqa.model.logits_at(ids, attention, keep, None)
+    return math.exp(float(F.cross_entropy(logits.float(), targets, reduction="mean")))
 
 
 def steering_vector(lqa: LatentQA, instruction: str, prompts: Sequence[Prompt], layer: int) -> torch.Tensor:
@@ -186,9 +175,10 @@ class SteeringResult:
     def table(self) -> str:
         """A Markdown table, one row per condition."""
         lines = ["| condition | behaviour rate | perplexity | x target's | repeated 3-grams |", "|---|---|---|---|---|"]
+        matched = self.matched_vector
         for c in self.conditions:
             rate = "-" if c.behaviour_rate is None else f"{c.behaviour_rate:.0%}"
-            mark = " (matched)" if c.name == self.matched_vector else ""
+            mark = " (matched)" if c.name == matched else ""
             lines.append(
                 f"| {c.name}{mark} | {rate} | {c.perplexity:.2f} | {c.perplexity_ratio:.2f} | {c.repeated_trigrams:.0%} |"
             )
@@ -207,11 +197,9 @@ class SteeringResult:
         return folder
 
     def _plot(self, out: Path) -> None:
-        import matplotlib
+        from .suite import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        plt = pyplot()
         judged = [c for c in self.conditions if c.behaviour_rate is not None]
         fig, ax = plt.subplots(figsize=(6, 4))
         for c in judged:

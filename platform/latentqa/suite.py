@@ -89,7 +89,7 @@ class SuiteResult:
         return folder
 
     def _plot_choice(self, out: Path) -> None:
-        plt = _pyplot()
+        plt = pyplot()
         tasks = self.tasks()
         titles = {"choice": "multiple choice (score mode)", "reading": "open-ended (closest candidate by words)"}
         fig, axes = plt.subplots(1, len(tasks), figsize=(8 * len(tasks), 3.8), squeeze=False)
@@ -114,7 +114,7 @@ class SuiteResult:
         plt.close(fig)
 
     def _plot_layers(self, out: Path) -> None:
-        plt = _pyplot()
+        plt = pyplot()
         layers = sorted(self.layers)
         fig, (ax, gain_ax) = plt.subplots(1, 2, figsize=(12, 3.8))
         for condition, style in (("true", "o-"), ("shuffled", "s--")):
@@ -145,7 +145,8 @@ class SuiteResult:
         plt.close(fig)
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file backend (no display on cluster nodes), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
