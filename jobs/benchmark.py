@@ -28,10 +28,10 @@ from latentqa.paths import OFFLINE_HELDOUT, OFFLINE_MODEL, PROJECT_ROOT, RUNS_DI
 from latentqa_platform import benchmarks as bm
 from latentqa_platform import console
 
-ENGINE = ["read", "train_step", "early_exit", "suite", "layout", "memory", "fsdp_loading"]
+ENGINE = ["read", "train_step", "token_batches", "early_exit", "suite", "layout", "memory", "fsdp_loading"]
 PLATFORM = ["ray", "serve", "serve_load"]
 ALL = ENGINE + PLATFORM
-SMOLLM2 = ["read", "train_step", "early_exit", "suite", "memory"]  # the engine figures a real model changes
+SMOLLM2 = ["read", "train_step", "token_batches", "early_exit", "suite", "memory"]  # what a real model changes
 
 
 def parse_args(argv: list[str] | None):
@@ -65,6 +65,17 @@ def parse_args(argv: list[str] | None):
     g.add_argument("--new-tokens", type=int, default=64)
     g.add_argument("--batch-size", type=int, default=8, help="train step / early exit batch")
     g.add_argument("--suite-items", type=int, default=16, help="identification items in the suite figure")
+    g.add_argument(
+        "--token-batch-steps",
+        type=int,
+        default=16,
+        help="token_batches: batches each way trains on per repeat (0: all)",
+    )
+    g.add_argument(
+        "--batch-tokens",
+        type=int,
+        help="token_batches: the budget (default: the fixed-count batches' mean padded tokens over the train set)",
+    )
     g.add_argument("--layout-examples", type=int, default=300)
     g.add_argument("--layout-data", type=Path, default=bm.PAPER_TRAIN)
     g.add_argument("--layout-tokenizer", type=Path, default=bm.LLAMA3_TOKENIZER)
@@ -104,7 +115,7 @@ def parse_args(argv: list[str] | None):
 
 def engine_rows(args, names: list[str]) -> list[dict]:
     rows = []
-    needs_model = {"read", "train_step", "early_exit", "suite"} & set(names)
+    needs_model = {"read", "train_step", "token_batches", "early_exit", "suite"} & set(names)
     real = args.preset == "smollm2"
     if needs_model:
         engine = {"device": args.device, "batch_size": args.batch_size}
@@ -126,8 +137,11 @@ def engine_rows(args, names: list[str]) -> list[dict]:
             rows.append(bm.print_row(read))
         if "suite" in names:
             rows.append(bm.print_row(bm.suite_overhead(lqa, args.repeats, args.suite_items, heldout=heldout)))
-        if "train_step" in names:  # last: it trains the decoder
+        if "train_step" in names:  # last (with token_batches): it trains the decoder
             rows.append(bm.print_row(bm.train_step_overhead(lqa, args.repeats, args.batch_size)))
+        if "token_batches" in names:
+            passes = bm.token_batches(lqa, args.repeats, args.batch_size, args.token_batch_steps, args.batch_tokens)
+            rows.append(bm.print_row(passes))
     if "layout" in names:
         rows.append(
             bm.print_row(

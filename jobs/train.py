@@ -20,16 +20,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
+from pathlib import Path
 
 import ray
 import torch
 
+from latentqa.config import LatentQAConfig
 from latentqa.data import DEFAULT_QUESTIONS
 from latentqa.paths import OFFLINE_MODEL
 from latentqa.showcase import after_the_offline_default
-from latentqa.training import StepPlan, strategy_config
+from latentqa.training import StepPlan, batches_per_epoch, strategy_config
 from latentqa_platform import batchjobs, console, raydata, raytrain, tracking
 from latentqa_platform.batchjobs import parse, run_main
+from latentqa_platform.settings import MlflowSettings
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -76,7 +80,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     elif plan.has_eval and train.eval_every:
         progress.history.append({"step": 0, **run_eval()})
         report(0, {k: v for k, v in progress.history[0].items() if k != "step"})
-    batches = raytrain.shard_batches(train, lqa.chat_format.pad_id, strategy.device)
+    batches = raytrain.shard_batches(train, lqa.chat_format.pad_id, strategy.device, strategy.all_reduce_max)
     fit(strategy, batches, plan.steps, train, config.patch, progress, run_eval if plan.has_eval else None, on_step)
     final = run_eval() if plan.has_eval else {}
     if final:
@@ -86,6 +90,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
     raytrain.report_checkpoint(
         strategy, plan, progress, {**last, **final, "final": 1}, f"checkpoint_{progress.step:06d}_final"
     )
+
+
+def register_shipped(mlflow: MlflowSettings, output_dir: Path, shipped: LatentQAConfig) -> str:
+    """The shipped SmolLM2 decoder and the controls shipped with it, registered on first use."""
+    from latentqa_platform import controls  # the steering engine: only for this
+    from latentqa_platform.serving import ServeSettings
+
+    decoder = tracking.register_shipped_decoder(mlflow, output_dir, shipped)
+    prefix = ServeSettings().control_model_prefix
+    steered = controls.register_shipped_controls(mlflow, output_dir, shipped, decoder, prefix)
+    return decoder + (f" (its controls: {', '.join(steered)})" if steered else "")
 
 
 def parse_args(argv: list[str] | None):
@@ -110,11 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     # 2. data
     batchjobs.connect(args, settings, run_dir / "console.log")
     sets = raydata.training_sets(config, settings.ray.num_workers)
-    steps = StepPlan.of(sets.examples_per_worker, train)
+    steps = StepPlan.of(batches_per_epoch(sets.train_sizes, train, settings.ray.num_workers), train)
+    batch, estimated = f"batch {train.batch_size}", ""
+    if train.batch_tokens:  # how many batches a window cuts into depends on Ray's split: counted on a likely one
+        batch, estimated = f"batches of <= {train.batch_tokens} tokens", " (estimated)"
     print(
         f"run {train.run_name!r} (rerun with --train.run_name {train.run_name} to resume it): {sets.train_count} train "
-        f"examples, {settings.ray.num_workers} workers x batch {train.batch_size} x accum {train.grad_accum}, "
-        f"{steps.steps_per_epoch} steps/epoch, {steps.total_steps} steps, strategy {strategy.kind}"
+        f"examples, {settings.ray.num_workers} workers x {batch} x accum {train.grad_accum}, "
+        f"{steps.steps_per_epoch} steps/epoch{estimated}, {steps.total_steps} steps, strategy {strategy.kind}"
     )
 
     # 3. track (opened before training so that metrics stream in)
@@ -159,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         for question, answer in zip(DEFAULT_QUESTIONS, answers):
             print(f"  Q: {question}\n  A: {answer}")
     if not args.no_showcase and config.model.path == str(OFFLINE_MODEL):
-        register = lambda shipped: tracking.register_shipped_decoder(settings.mlflow, output_dir, shipped)
-        after_the_offline_default(register if settings.mlflow.enabled else None)
+        after_the_offline_default(
+            partial(register_shipped, settings.mlflow, output_dir) if settings.mlflow.enabled else None
+        )
     print(f"done in {time.perf_counter() - started:.0f}s")
     return 0
 

@@ -54,6 +54,7 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
         "--only",
         "read",
         "train_step",
+        "token_batches",
         "early_exit",
         "suite",
         "layout",
@@ -62,6 +63,8 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
         str(out),
         "--suite-items",
         "4",
+        "--token-batch-steps",
+        "3",
         "--layout-examples",
         "10",
         "--layout-tokenizer",
@@ -81,6 +84,7 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
         "read overhead",
         "evaluation suite (multiple choice)",
         "train step",
+        "token batches",
         "layout",
         "memory",
     ]
@@ -90,7 +94,11 @@ def test_engine_benchmarks_write_json_and_markdown(tmp_path, llama3_tokenizer_di
         assert isinstance(r["met"], bool)
     assert result["results"][1]["details"]["generate_new_tokens"] == 4  # both sides generate every token
     assert result["results"][2]["details"]["scored_rows"] == 4 * 4 * 5  # items x candidates x conditions
-    assert "two_copies_mb" in result["results"][5]["details"]
+    assert "two_copies_mb" in result["results"][6]["details"]
+    batches = result["results"][4]["details"]  # the whole train set both ways, each way's padding
+    assert batches["examples"] == 720 and batches["timed_batches"] == {"token budget": 3, "fixed count": 3}
+    padding = batches["padding_share"]
+    assert padding["token budget"]["both"] < padding["fixed count"]["both"], padding
     table = (out / "results.md").read_text()
     assert "| figure | measured | baseline | unit | ratio | target | met |" in table
     for name in names:

@@ -25,7 +25,7 @@ import torch
 
 from conftest import Cluster, import_job, job_env, tail
 from latentqa.config import ConfigError, load_config
-from latentqa.data import DatasetSpec, load_examples
+from latentqa.data import DataError, DatasetSpec, load_examples
 from latentqa.paths import OFFLINE_TRAIN, PROJECT_ROOT
 from latentqa_platform import raydata, tracking
 
@@ -149,6 +149,43 @@ def test_ray_data_reads_validates_and_lays_out_like_the_engine(ray_cluster, tmp_
     assert found is not None and "control.jsonl: record 4: field 'control_user'" in str(found)
 
 
+def test_ray_data_streams_a_training_mix_like_the_engine(ray_cluster, tmp_path):
+    """The mix's sources join the train set: as many examples as the engine builds, each laid out
+    as the engine lays it out (context spans included), the files hashed for the resume check;
+    a bad source fails before any worker starts, named by file, record and field."""
+    import pyarrow as pa
+
+    from latentqa.mixes import mix_examples
+    from latentqa.session import layout_for
+
+    raydata.connect(None)
+    mix = [
+        {"kind": "yes_no", "path": str(OFFLINE_TRAIN / "system.json"), "examples": 40},
+        {"kind": "context", "path": str(OFFLINE_TRAIN / "stimulus.json"), "examples": 30, "seed": 1},
+    ]
+    config = load_config(overrides={"data": {"mix": mix, "eval": None}})
+    sets = raydata.training_sets(config, 1)
+    paper = len(load_examples(config.data.train))
+    assert sets.train_count == paper + 70
+    rows = sets.train.take_all()
+    rebuilt = raydata.laid_out_examples(pa.Table.from_pylist(rows))
+    layout = layout_for(config)
+    expected = [layout.example(e, "train") for e in mix_examples(config.data.mix)]
+    assert all(e in rebuilt for e in expected)  # shuffled among the paper's examples
+    assert str(OFFLINE_TRAIN / "system.json") in sets.train_files  # twice: as a QA set file and a source
+
+    bad = tmp_path / "system.json"
+    bad.write_text(json.dumps([{"control_user": "hi", "label": "goal-x"}]))
+    config = load_config(overrides={"data": {"mix": [{"kind": "yes_no", "path": str(bad), "examples": 4}]}})
+    with pytest.raises(Exception) as info:
+        raydata.training_sets(config, 1)
+    found = raydata.data_error(info.value)
+    assert found is not None and f"{bad}: record 0: field 'system' is required" in str(found)
+    missing = load_config(overrides={"data": {"mix": [{"kind": "yes_no", "path": str(tmp_path), "examples": 4}]}})
+    with pytest.raises(DataError, match=r"no such file \(data.mix\[0\].path\)"):
+        raydata.training_sets(missing, 1)
+
+
 def test_malformed_data_fails_before_training(ray_cluster, tmp_path):
     folder = tmp_path / "train"
     shutil.copytree(OFFLINE_TRAIN, folder)
@@ -215,9 +252,12 @@ def test_resume_continues_at_the_right_step(ddp_run):
 
 
 # Every piece of state a resume restores is in play: sampled read layers, gradient accumulation,
-# the moving average, evaluations, and epochs of 4.5 steps (72 examples, 2 workers, 2 x batch 4).
+# the moving average, evaluations, and epochs of 36 examples a worker in token-budget batches (2 to
+# 5 examples; each window's count agreed between the 2 workers) that end mid-step.
 EXACT_RESUME = [
     *TINY,
+    "--train.batch_tokens",
+    "560",
     "--train.max_steps",
     "32",
     "--train.epochs",
@@ -351,7 +391,8 @@ def test_ddp_trains_and_saves_a_peft_decoder(ddp_run):
     if SMOLLM2_PREPARED:
         assert "The offline target is a random network" in out, tail(ddp_run["resumed"])
         assert out.count("decoder, reading the user's message and the reply alone:") == 3, tail(ddp_run["resumed"])
-        assert "the shipped SmolLM2 decoder: latentqa-decoder-smollm2-135m-instruct-q4-1/1" in out
+        shipped = "latentqa-decoder-smollm2-135m-instruct-q4-1/1 (its controls: latentqa-control-pirate/1)"
+        assert f"the shipped SmolLM2 decoder: {shipped}" in out, tail(ddp_run["resumed"])
     else:
         assert "run infra/setup.sh with PyPI reachable" in out
 
@@ -401,6 +442,16 @@ def test_mlflow_run_and_registered_model(ddp_run, tmp_path):
     assert (registered / "adapter_model.safetensors").read_bytes() == saved.read_bytes()
     with pytest.raises(FileNotFoundError, match="models:/latentqa-decoder-tiny-llama/99"):
         tracking.resolve_adapter("models:/latentqa-decoder-tiny-llama/99", client.tracking_uri, tmp_path)
+    if SMOLLM2_PREPARED:  # the shipped control, registered with the shipped decoder it steers through
+        from latentqa.paths import SHIPPED_CONTROLS
+        from latentqa_platform.adapters import KIND_TAG
+
+        [control] = client.search_model_versions("name='latentqa-control-pirate'")
+        assert control.tags[KIND_TAG] == "control" and control.tags["source"] == "shipped"
+        assert control.tags["decoder"] == "models:/latentqa-decoder-smollm2-135m-instruct-q4-1/1"
+        folder = tracking.resolve_adapter("models:/latentqa-control-pirate/1", client.tracking_uri, tmp_path / "c")
+        shipped = SHIPPED_CONTROLS / "smollm2-135m-instruct" / "pirate" / "adapter_model.safetensors"
+        assert (folder / "adapter_model.safetensors").read_bytes() == shipped.read_bytes()
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from .chat_format import UnsupportedChatTemplate
 from .config import ConfigError, LatentQAConfig, engine_sections, fields_help, load_config
 from .data import DEFAULT_QUESTIONS, DataError, Example, Record, load_examples, read_dialog
 from .layout import LayoutError
+from .mixes import mix_examples
 from .model_files import ModelFileError, WrongTarget
 from .paths import CONTROLS_DIR, RUNS_DIR, STEER_PROMPTS, latest_decoder
 
@@ -64,11 +65,12 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     from .models import DECODER
     from .strategy import Strategy
     from .training import (
+        ExampleSize,
         StepPlan,
         TrainProgress,
         adamw_factory,
+        batches_per_epoch,
         cosine_with_warmup,
-        example_length,
         fit,
         length_grouped_order,
         strategy_config,
@@ -80,16 +82,16 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     out = run_dir / "decoder"
     if out.exists():
         raise SystemExit(f"{out} exists already; pick another --run-name so nothing saved is overwritten")
-    train_examples = load_examples(config.data.train)
+    train_examples = load_examples(config.data.train) + mix_examples(config.data.mix)
     eval_examples = load_examples(config.data.eval) if config.data.eval else None
     lqa = _load(config, train_decoder=True)
     laid = lqa.lay_out(train_examples, "train")
-    lengths = [example_length(e) for e in laid]
-    plan = StepPlan.of(len(laid), train_cfg)
+    sizes = [ExampleSize.of(e) for e in laid]
+    plan = StepPlan.of(batches_per_epoch(sizes, train_cfg), train_cfg)
     total = plan.total_steps
 
     def epoch_batches(epoch: int, skip: int):
-        for indices in length_grouped_order(lengths, train_cfg.batch_size, train_cfg.seed + epoch)[skip:]:
+        for indices in length_grouped_order(sizes, train_cfg, train_cfg.seed + epoch)[skip:]:
             yield lqa.collate([laid[i] for i in indices])
 
     strategy = Strategy.create(strategy_config(config, "local"))

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data import DatasetSpec
+from .mixes import MixSource
 from .paths import OFFLINE_HELDOUT, OFFLINE_MODEL, OFFLINE_TRAIN, PROJECT_ROOT, RUNS_DIR, usable_path
 
 
@@ -111,6 +112,10 @@ class DataConfig(StrictModel):
     """The training set."""
     eval: DatasetSpec | None = DatasetSpec(path=OFFLINE_HELDOUT)
     """The held-out set; null: none."""
+    mix: list[MixSource] = []
+    """More sources for the train set (latentqa.mixes): yes/no questions and context prediction
+    from record files, each with its weight in examples; e.g. [{kind: yes_no, path:
+    datasets/latentqa/train-prompts/system.json, examples: 2000}] (YAML, or JSON on the command line)."""
 
 
 class TrainConfig(StrictModel):
@@ -125,7 +130,12 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; stops early when set."""
     batch_size: int = Field(8, ge=1)
-    """Examples per device per micro-batch."""
+    """Examples per device per micro-batch; with batch_tokens, the typical count (batches are cut
+    from length-sorted windows of 64 x batch_size examples, 256 x with batch_tokens)."""
+    batch_tokens: int | None = Field(None, ge=1)
+    """Token budget per micro-batch: batches of similar length grow while their padded tokens
+    (examples x (longest read dialog + longest decoder prompt)) stay within it, so short examples
+    come many to a batch and long ones few; null: batch_size examples per batch."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
     warmup_steps: int = Field(10, ge=0)
@@ -327,7 +337,7 @@ def describe_fields(model: type[BaseModel], prefix: str, values: BaseModel | Non
         nested = [
             t for t in (info.annotation, *get_args(info.annotation)) if isinstance(t, type) and issubclass(t, BaseModel)
         ]
-        if nested:
+        if nested and not isinstance(default, list):  # a list of sections (data.mix) is one field, set in YAML
             rows += describe_fields(nested[0], key, default)
             continue
         shown = "null" if default is None else str(default).replace(f"{PROJECT_ROOT}/", "")

@@ -217,13 +217,34 @@ def load_qa(path: str | Path) -> dict[str, list[QAPair]]:
 
 
 @dataclass(frozen=True)
+class ContextSpan:
+    """Where a context-prediction example (`latentqa.mixes`) reads and what it answers: `span`
+    tokens of the record's rendered read dialog, starting at `position` (a fraction of the places
+    where span and answer fit), and the `answer` tokens just `direction` of them (at most: a short
+    dialog cuts both)."""
+
+    position: float
+    span: int
+    answer: int
+    direction: Literal["before", "after"]
+
+    @property
+    def question(self) -> str:
+        if self.direction == "before":
+            return f"Can you predict the previous {self.answer} tokens that came before this?"
+        return f"Can you predict the next {self.answer} tokens that come after this?"
+
+
+@dataclass(frozen=True)
 class Example:
-    """One training/eval example: a record paired with one QA pair of its label."""
+    """One training/eval example: a record paired with one QA pair of its label, or (with
+    `context`) a span of its read dialog, whose question and answer the layout makes."""
 
     record: Record
     question: str
     answer: str
     source: str = ""
+    context: ContextSpan | None = None
 
 
 def expand(

@@ -7,13 +7,14 @@ Text is cut at those boundaries before tokenising, so span ends are exact token 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 from .chat_format import ChatFormat
-from .data import Example, ReadDialog, read_dialog
+from .data import ContextSpan, Example, ReadDialog, Record, read_dialog
 
 Mode = Literal["train", "score", "generate"]
 IGNORE_INDEX = -100
@@ -159,11 +160,43 @@ class Layout:
 
     # ----- examples --------------------------------------------------------------------
     def example(self, example: Example, mode: Mode, index: int | None = None) -> LaidOutExample:
-        read = self.read_side(read_dialog(example.record, self.thought_tokens))
+        if example.context is None:
+            read = self.read_side(read_dialog(example.record, self.thought_tokens))
+            question, answer = example.question, example.answer
+        else:
+            read, question, answer = self.context_side(example.record, example.context)
         n = read.patched_span[1] - read.patched_span[0]
-        write = self.write_side(n, example.question, example.answer if mode != "generate" else None, mode)
+        write = self.write_side(n, question, answer if mode != "generate" else None, mode)
         self._check_length(read, write, example, index)
         return LaidOutExample(read, write)
+
+    def context_side(self, record: Record, context: ContextSpan) -> tuple[ReadSide, str, str]:
+        """A context-prediction example's read side, question and answer: the record's read
+        dialog rendered and tokenised whole, read over `context.span` tokens (cut to fit), and the
+        text of the `context.answer` tokens just before or after them. The read stops at the
+        span's end; the tokens before the span are its masked (verb) span."""
+        fmt = self.chat_format
+        dialog = read_dialog(record, self.thought_tokens)
+        rendered = fmt.render(
+            dialog.messages, add_generation_prompt=dialog.add_generation_prompt, thinking=self.thought_tokens
+        )
+        bounds, pieces = fmt.tokenize(rendered, [len(fmt.bos_text)])
+        first = _token_index(bounds, pieces)[len(fmt.bos_text)]
+        ids = [t for piece in pieces for t in piece]
+        tokens = len(ids) - first
+        if tokens < 2:
+            raise LayoutError(f"label {record.label!r}: {tokens} token(s), too short to predict context from")
+        k = min(context.span, tokens - 1)
+        n = min(context.answer, tokens - k)
+        before = context.direction == "before"
+        low, high = (first + n, len(ids) - k) if before else (first, len(ids) - k - n)
+        start = min(high, low + int(context.position * (high - low + 1)))
+        answer_ids = ids[start - n : start] if before else ids[start + k : start + k + n]
+        answer = fmt.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        if not answer.strip():  # only a turn's markup: say it as it is
+            answer = fmt.tokenizer.decode(answer_ids)
+        question = dataclasses.replace(context, span=k, answer=n).question
+        return ReadSide(ids[: start + k], (first, start), (start, start + k)), question, answer
 
     def _check_length(self, read: ReadSide, write: WriteSide, example: Example, index: int | None) -> None:
         longest = max(len(read.ids), len(write.ids))

@@ -383,6 +383,14 @@ class Strategy:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.item() / self.world_size
 
+    def all_reduce_max(self, value: int) -> int:
+        """The largest ``value`` over ranks (e.g. a count every rank must agree on)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor(value, dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+
     def all_gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (any picklable object), in rank order, on every rank."""
         if self.world_size == 1:

@@ -66,26 +66,110 @@ def adamw_factory(cfg: TrainConfig) -> Callable[[list[torch.nn.Parameter]], torc
     return lambda params: torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def length_grouped_order(lengths: Sequence[int], batch_size: int, seed: int | str) -> list[list[int]]:
+def sort_window(train: TrainConfig) -> int:
+    """Examples sorted together into batches: 64 batches' worth, or 256 with a token budget, whose
+    two-way sort needs more examples to find close neighbours."""
+    return train.batch_size * (64 if train.batch_tokens is None else 256)
+
+
+def length_grouped_order(sizes: Sequence[ExampleSize], train: TrainConfig, seed: int | str) -> list[list[int]]:
     """Batches of indices of similar length (less padding), in a seeded random order.
 
-    Indices are shuffled, sorted by length within windows of 64 batches, cut into batches,
-    and the batches shuffled again, so every epoch sees different neighbours.
+    Indices are shuffled, sorted by length within windows (`sort_window`), cut into batches, and the
+    batches shuffled again, so every epoch sees different neighbours. With `train.batch_tokens` a
+    window is sorted both ways (`_grid_sorted`) and cut within the budget; else it is sorted by the
+    longer side and cut every `train.batch_size` examples.
     """
     rng = random.Random(seed)
-    order = list(range(len(lengths)))
+    order = list(range(len(sizes)))
     rng.shuffle(order)
-    window = batch_size * 64
+    window = sort_window(train)
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start : start + window], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = order[start : start + window]
+        if train.batch_tokens is None:
+            chunk.sort(key=lambda i: sizes[i].longer_side)
+            batches += [chunk[i : i + train.batch_size] for i in range(0, len(chunk), train.batch_size)]
+        else:
+            batches += _within_budget(_grid_sorted(chunk, sizes, train.batch_size), sizes, train.batch_tokens)
     rng.shuffle(batches)
     return batches
 
 
-def example_length(example: LaidOutExample) -> int:
-    return max(len(example.read.ids), len(example.write.ids))
+def _grid_sorted(chunk: list[int], sizes: Sequence[ExampleSize], batch_size: int) -> list[int]:
+    """`chunk` sorted by decoder-prompt length, cut into about sqrt(its batches) groups, each sorted
+    by read length. A batch's padding is each side's spread, and the two lengths are only loosely
+    related (a dialog's length says little about its question's), so sorting by one alone leaves
+    the other's padding. The decoder's side comes first: it runs every block forward and backward,
+    the target only blocks 0..L forward."""
+    by_write = sorted(chunk, key=lambda i: sizes[i].write)
+    group = -(-len(by_write) // max(1, round(math.sqrt(len(by_write) / batch_size))))
+    return [
+        i for g in range(0, len(by_write), group) for i in sorted(by_write[g : g + group], key=lambda i: sizes[i].read)
+    ]
+
+
+def _within_budget(chunk: list[int], sizes: Sequence[ExampleSize], batch_tokens: int) -> list[list[int]]:
+    """Sorted `chunk` cut into runs whose padded tokens stay within `batch_tokens`; an example
+    over the budget on its own is a batch of one."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = ExampleSize(0, 0)
+    for i in chunk:
+        grown = longest.widest(sizes[i])
+        if current and (len(current) + 1) * grown.total > batch_tokens:
+            batches.append(current)
+            current, grown = [], sizes[i]
+        current.append(i)
+        longest = grown
+    return batches + [current] if current else batches
+
+
+def split_to(batches: list[list[int]], sizes: Sequence[ExampleSize], count: int) -> list[list[int]]:
+    """`batches` with the costliest (in padded tokens) halved, in place in the order, until there
+    are `count`: data-parallel ranks must run the same number of micro-batches, and token-budget
+    batches of different examples need not come to the same number."""
+    batches = list(batches)
+    while len(batches) < count:
+        splittable = [k for k, batch in enumerate(batches) if len(batch) > 1]
+        if not splittable:
+            raise ValueError(f"{sum(map(len, batches))} examples cannot make {count} batches")
+        k = max(splittable, key=lambda k: padded_tokens([sizes[i] for i in batches[k]]))
+        half = len(batches[k]) // 2
+        batches[k : k + 1] = [batches[k][:half], batches[k][half:]]
+    return batches
+
+
+@dataclass(frozen=True)
+class ExampleSize:
+    """An example's tokens on each side: the target's read dialog and the decoder's prompt."""
+
+    read: int
+    write: int
+
+    @classmethod
+    def of(cls, example: LaidOutExample) -> ExampleSize:
+        return cls(len(example.read.ids), len(example.write.ids))
+
+    @property
+    def longer_side(self) -> int:
+        return max(self.read, self.write)
+
+    @property
+    def total(self) -> int:
+        return self.read + self.write
+
+    def widest(self, other: ExampleSize) -> ExampleSize:
+        return ExampleSize(max(self.read, other.read), max(self.write, other.write))
+
+
+def padded_tokens(sizes: Sequence[ExampleSize]) -> int:
+    """Tokens a batch of these examples computes on, padding included: each side is padded to
+    its longest."""
+    longest = ExampleSize(0, 0)
+    for size in sizes:
+        longest = longest.widest(size)
+    return len(sizes) * longest.total
 
 
 def label_tokens(batch: Batch) -> int:
@@ -105,10 +189,26 @@ class StepPlan:
     total_steps: int
 
     @classmethod
-    def of(cls, examples_per_rank: int, train: TrainConfig) -> StepPlan:
-        batches = -(-examples_per_rank // train.batch_size)
-        per_epoch = -(-batches // train.grad_accum)
+    def of(cls, batches_per_epoch: int, train: TrainConfig) -> StepPlan:
+        per_epoch = -(-batches_per_epoch // train.grad_accum)
         return cls(per_epoch, train.max_steps or per_epoch * train.epochs)
+
+
+def batches_per_epoch(sizes: Sequence[ExampleSize], train: TrainConfig, ranks: int = 1) -> int:
+    """Micro-batches a rank runs in an epoch of these examples (each rank an equal share). With a
+    token budget the count depends on which examples meet in a window: exact for `latentqa train`'s
+    first epoch (one process, `length_grouped_order` over all of them); for Ray Train's workers,
+    whose windows Ray's split and local shuffle draw, an estimate: shards dealt by a seeded
+    shuffle, the largest one's count (ranks agree on the largest, `split_to`)."""
+    per_rank = len(sizes) // ranks
+    if train.batch_tokens is None:
+        return -(-per_rank // train.batch_size)
+    shards = [sizes]
+    if ranks > 1:
+        order = list(range(len(sizes)))
+        random.Random(train.seed).shuffle(order)
+        shards = [[sizes[i] for i in order[r * per_rank : (r + 1) * per_rank]] for r in range(ranks)]
+    return max(len(length_grouped_order(shard, train, train.seed)) for shard in shards)
 
 
 @dataclass

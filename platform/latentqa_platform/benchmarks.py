@@ -118,6 +118,27 @@ def _timed_row(name: str, times: dict[str, list[float]], limit: float | None, ta
     )
 
 
+def _rate_row(name: str, rates: dict[str, list[float]], unit: str, floor: float, **details) -> dict:
+    """A row of two rates (the measured one first, per repeat), met at `floor` times the baseline's."""
+    (a, measured), (b, baseline) = list(rates.items())[:2]
+    ratio = paired_ratio(measured, baseline)
+    return row(
+        name,
+        statistics.median(measured),
+        statistics.median(baseline),
+        unit,
+        ratio,
+        f">= {floor:g}x",
+        ratio >= floor,
+        measured_is=a,
+        baseline_is=b,
+        repeats=len(measured),
+        measured_all=measured,
+        baseline_all=baseline,
+        **details,
+    )
+
+
 # ---------------------------------------------------------------- the benchmark model
 
 
@@ -406,6 +427,91 @@ def train_step_overhead(lqa, repeats: int, batch_size: int = 8) -> dict:
     )
 
 
+# ---------------------------------------------------------------- 2b. token-budget batches
+
+
+def token_batches(lqa, repeats: int, batch_size: int = 8, steps: int = 16, batch_tokens: int | None = None) -> dict:
+    """The session's train set cut two ways: today's fixed-count batches (`batch_size` examples,
+    sorted by the longer side) and token-budget batches (`train.batch_tokens`: sorted both ways,
+    cut within the budget), each over every example as a run's epoch is. Each way trains on a
+    seeded sample of `steps` of its batches (0: all), interleaved, and counts real (non-padding)
+    tokens/s; the ratio is the median over repeats of budget tokens/s over fixed-count tokens/s.
+    The budget defaults to the fixed batches' mean padded tokens (a step costs about what one of
+    today's does). Each way's padding share, both sides and each side, is over the whole set."""
+    import random
+
+    from latentqa.data import load_examples
+    from latentqa.strategy import Strategy
+    from latentqa.training import (
+        ExampleSize,
+        adamw_factory,
+        length_grouped_order,
+        padded_tokens,
+        strategy_config,
+        train_step,
+    )
+
+    config = lqa.config
+    laid = lqa.lay_out(load_examples(config.data.train), "train")
+    sizes = [ExampleSize.of(e) for e in laid]
+    fixed = config.train.model_copy(update={"batch_size": batch_size, "batch_tokens": None})
+    fixed_order = length_grouped_order(sizes, fixed, 0)
+    budget = batch_tokens or round(statistics.mean(padded_tokens([sizes[i] for i in b]) for b in fixed_order))
+    orders = {
+        "token budget": length_grouped_order(sizes, fixed.model_copy(update={"batch_tokens": budget}), 0),
+        "fixed count": fixed_order,
+    }
+    timed = {
+        name: random.Random(0).sample(order, min(steps or len(order), len(order))) for name, order in orders.items()
+    }
+    batches = {
+        name: [lqa.collate([laid[i] for i in b]).to(lqa.device) for b in chosen] for name, chosen in timed.items()
+    }
+    real = {name: sum(sizes[i].total for b in chosen for i in b) for name, chosen in timed.items()}
+    strategy = Strategy.create(strategy_config(config, "local"))
+    strategy.prepare(lqa.model, adamw_factory(config.train))
+    layer = config.patch.read_layer
+
+    def train_on(name: str, count: int | None = None) -> Callable[[], None]:
+        def run() -> None:
+            strategy.model.train()
+            for batch in batches[name][:count]:
+                train_step(strategy, batch, layer, True)
+                strategy.optimizer_step()
+
+        return run
+
+    for name in orders:  # warm up on one batch each, not a whole pass: a real model's pass takes minutes
+        train_on(name, 1)()
+    times = interleaved({name: train_on(name) for name in orders}, repeats, warmup=0)
+    lqa.model.eval()
+    rates = {name: [real[name] / t for t in ts] for name, ts in times.items()}
+
+    def padding(order: list[list[int]]) -> dict[str, float]:
+        padded = {
+            side: sum(len(b) * max(getattr(sizes[i], side) for i in b) for b in order) for side in ("read", "write")
+        }
+        used = {side: sum(getattr(s, side) for s in sizes) for side in ("read", "write")}
+        return {
+            "both": 1 - sum(used.values()) / sum(padded.values()),
+            **{side: 1 - used[side] / padded[side] for side in padded},
+        }
+
+    return _rate_row(
+        "token batches",
+        rates,
+        "real tokens/s",
+        1.0,
+        examples=len(sizes),
+        batch_size=batch_size,
+        batch_tokens=budget,
+        batches={name: len(order) for name, order in orders.items()},
+        timed_batches={name: len(chosen) for name, chosen in timed.items()},
+        timed_real_tokens=real,
+        padding_share={name: padding(order) for name, order in orders.items()},
+    )
+
+
 # ---------------------------------------------------------------- 4. early exit
 
 
@@ -588,25 +694,12 @@ def layout_throughput(
             tok(pair, add_special_tokens=False)
 
     times = interleaved({"layout": engine, "bare tokenizer": bare}, repeats)
-    layout_rate = [len(chosen) / t for t in times["layout"]]
-    bare_rate = [len(chosen) / t for t in times["bare tokenizer"]]
-    ratio = paired_ratio(layout_rate, bare_rate)
-    return row(
-        "layout",
-        statistics.median(layout_rate),
-        statistics.median(bare_rate),
-        "examples/s",
-        ratio,
-        f">= {floor:g}x",
-        ratio >= floor,
-        measured_is="Layout.example (train)",
-        baseline_is="tokenizer(pair) per example",
-        repeats=repeats,
-        measured_all=layout_rate,
-        baseline_all=bare_rate,
-        examples=len(chosen),
-        data=str(data),
-        tokenizer=str(tokenizer),
+    rates = {
+        "Layout.example (train)": [len(chosen) / t for t in times["layout"]],
+        "tokenizer(pair) per example": [len(chosen) / t for t in times["bare tokenizer"]],
+    }
+    return _rate_row(
+        "layout", rates, "examples/s", floor, examples=len(chosen), data=str(data), tokenizer=str(tokenizer)
     )
 
 

@@ -13,8 +13,10 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from latentqa.config import LatentQAConfig
 from latentqa.data import QAPair
 from latentqa.models import CONTROL
+from latentqa.paths import SHIPPED_CONTROLS
 from latentqa.reading import read
 from latentqa.session import LatentQA
 from latentqa.steering import ControlFile, steer
@@ -22,7 +24,7 @@ from latentqa.steering_evaluation import SteeringEvaluation
 
 from .adapters import KIND_TAG
 from .settings import MlflowSettings, tracking_uri
-from .tracking import RunRef, finish_run, log_metrics, open_run, register_adapter, slug
+from .tracking import RunRef, finish_run, log_metrics, open_run, register_adapter, register_shipped, slug
 
 JOB_KIND = "control-job"  # KIND_TAG of a control job's run
 NAME_TAG, ADAPTER_TAG, ERROR_TAG = "latentqa.control", "latentqa.adapter", "latentqa.error"
@@ -67,6 +69,21 @@ def fail_orphaned_jobs(settings: MlflowSettings, output_dir: Path, owner: str) -
             fail_job(run, JobLost(f"{owner} stopped before the job ended; submit it again"))
             lost.append(found.info.run_id)
     return lost
+
+
+def register_shipped_controls(
+    settings: MlflowSettings, output_dir: Path, config: LatentQAConfig, decoder: str, prefix: str
+) -> list[str]:
+    """The controls shipped for `config`'s decoder (`infra/controls/<decoder>/<control>/`), each
+    registered on first use as a version of control model `<prefix><control>`, tagged with the
+    registered `decoder` it was trained through; returns their `name/version`s."""
+    shipped = SHIPPED_CONTROLS / Path(config.model.decoder_adapter).name
+    folders = sorted(p for p in shipped.iterdir() if p.is_dir()) if shipped.is_dir() else []
+    tags = {KIND_TAG: "control", "decoder": f"models:/{decoder}", "target_model": config.model.path}
+    return [
+        register_shipped(settings, output_dir, folder, config, prefix + folder.name, {**tags, "control": folder.name})
+        for folder in folders
+    ]
 
 
 def read_control(lqa: LatentQA, instruction: str, questions: Sequence[str]) -> list[QAPair]:

@@ -8,19 +8,23 @@ back as the engine's `LaidOutExample`s for `collate`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 
 from latentqa.config import LatentQAConfig
 from latentqa.data import (
     QA_FILE,
+    ContextSpan,
     DataError,
     DatasetSpec,
     Example,
@@ -31,9 +35,11 @@ from latentqa.data import (
     parse_records,
     read_dialog,
 )
+from latentqa.mixes import MixSource
 
 if TYPE_CHECKING:
     from latentqa.layout import LaidOutExample, Layout
+    from latentqa.training import ExampleSize
 
 # Ray Data's workers import this module to run its functions. The engine's layout (torch,
 # transformers, peft: ~10 s of imports per worker process on 2 cores) is imported only by the
@@ -72,14 +78,26 @@ def _examples_of_file(row: dict, qa: dict, exclude: tuple[str, ...]) -> list[dic
     """flat_map: one file's bytes -> its validated examples (record x QA pair), one row each."""
     path = _file_path(row)
     records = parse_records(parse_json_or_jsonl(row["bytes"], path), path)
-    return [
-        {"record": e.record.model_dump_json(), "question": e.question, "answer": e.answer, "source": e.source}
-        for e in expand(records, qa, path, exclude)
-    ]
+    return [_row_of_example(e) for e in expand(records, qa, path, exclude)]
+
+
+def _mix_examples_of_file(row: dict, source_json: str) -> list[dict]:
+    """flat_map: a mix source's file bytes -> its validated examples (`latentqa.mixes`), one row each."""
+    from latentqa.mixes import MixSource, examples_of_file
+
+    source = MixSource.model_validate_json(source_json)
+    return [_row_of_example(e) for e in examples_of_file(row["bytes"], source, _file_path(row))]
+
+
+def _row_of_example(e: Example) -> dict:
+    context = json.dumps(dataclasses.asdict(e.context)) if e.context else ""  # one column type for every row
+    row = {"record": e.record.model_dump_json(), "question": e.question, "answer": e.answer, "source": e.source}
+    return {**row, "context": context}
 
 
 def example_of_row(row: dict) -> Example:
-    return Example(Record.model_validate_json(row["record"]), row["question"], row["answer"], row["source"])
+    context = ContextSpan(**json.loads(row["context"])) if row.get("context") else None
+    return Example(Record.model_validate_json(row["record"]), row["question"], row["answer"], row["source"], context)
 
 
 @dataclass
@@ -123,11 +141,14 @@ class _ReadSet:
         return examples
 
 
-def _read_sets(specs: dict[str, DatasetSpec]) -> dict[str, _ReadSet]:
+def _read_sets(specs: dict[str, DatasetSpec], mix: list[MixSource] = ()) -> dict[str, _ReadSet]:
     """Each named set's files read, and its examples as a lazy pipeline, so that a caller runs a
-    set's validation and whatever follows it as one Ray Data execution. All sets' files are
-    checked to be present before any is read."""
+    set's validation and whatever follows it as one Ray Data execution; the `mix` sources join
+    the train set before it is shuffled. All files are checked to be present before any is read."""
     located = {name: _located(spec) for name, spec in specs.items()}
+    for index, source in enumerate(mix):
+        if ":/" not in str(source.path) and not Path(source.path).is_file():
+            raise DataError(f"{source.path}: no such file (data.mix[{index}].path)")
     sets = {}
     for name, spec in specs.items():
         qa_path, record_paths = located[name]
@@ -139,6 +160,11 @@ def _read_sets(specs: dict[str, DatasetSpec]) -> dict[str, _ReadSet]:
         examples = files.filter(lambda r, qa_path=qa_path: _file_path(r) != qa_path).flat_map(
             _examples_of_file, fn_kwargs={"qa": qa, "exclude": tuple(spec.filter)}
         )
+        for source in mix if name == "train" else ():
+            data = ray.data.read_binary_files([str(source.path)], include_paths=True).materialize()
+            hashes.update({_file_path(r): hashlib.sha256(r["bytes"]).hexdigest() for r in data.iter_rows()})
+            built = data.flat_map(_mix_examples_of_file, fn_kwargs={"source_json": source.model_dump_json()})
+            examples = examples.union(built)
         examples = examples.random_shuffle(seed=spec.seed)
         if spec.train_percent < 1.0:
             examples = examples.materialize()  # counted before it is cut
@@ -191,6 +217,23 @@ def lay_out(examples: ray.data.Dataset, config: LatentQAConfig) -> ray.data.Data
     )
 
 
+def example_sizes(laid_out: ray.data.Dataset) -> list[ExampleSize]:
+    """Every laid-out example's read and write token counts (only the lengths leave the blocks)."""
+    from latentqa.training import ExampleSize
+
+    lengths = laid_out.map_batches(
+        lambda t: pa.table(
+            {"read": pc.list_value_length(t["read_ids"]), "write": pc.list_value_length(t["write_ids"])}
+        ),
+        batch_format="pyarrow",
+    )
+    return [
+        ExampleSize(read, write)
+        for table in lengths.iter_batches(batch_format="pyarrow", batch_size=None)
+        for read, write in zip(table["read"].to_pylist(), table["write"].to_pylist(), strict=True)
+    ]
+
+
 def laid_out_examples(table: pa.Table) -> list[LaidOutExample]:
     """Rows of the laid-out dataset back into the engine's `LaidOutExample`s."""
     from latentqa.layout import LaidOutExample, ReadSide, WriteSide
@@ -231,10 +274,13 @@ class TrainingSets:
 
     train: ray.data.Dataset
     eval: ray.data.Dataset | None
-    train_count: int
-    examples_per_worker: int  # the equal split across workers drops the remainder
+    train_sizes: list[ExampleSize]  # every train example's tokens, read and write, for the step plan
     files: dict[str, str]  # path -> sha256, both sets
     train_files: dict[str, str]
+
+    @property
+    def train_count(self) -> int:
+        return len(self.train_sizes)
 
     def datasets(self) -> dict[str, ray.data.Dataset]:
         return {"train": self.train, **({"eval": self.eval} if self.eval is not None else {})}
@@ -246,9 +292,10 @@ def training_sets(config: LatentQAConfig, workers: int) -> TrainingSets:
     its files, each set runs as one Ray Data execution: validated, expanded, shuffled and laid out
     (train) or cut to the evaluated batches (eval)."""
     specs = {"train": config.data.train, **({"eval": config.data.eval} if config.data.eval else {})}
-    sets = _read_sets(specs)
+    sets = _read_sets(specs, config.data.mix)
     train = sets["train"].checked(lay_out(sets["train"].examples, config))
-    count = train.count()
+    sizes = example_sizes(train)
+    count = len(sizes)
     if count < workers:
         raise DataError(f"{config.data.train.path}: {count} train examples for {workers} workers")
     held_out = sets.get("eval")
@@ -259,7 +306,7 @@ def training_sets(config: LatentQAConfig, workers: int) -> TrainingSets:
             eval_examples = eval_examples.limit(config.train.eval_batches * config.train.batch_size)
         eval_examples = held_out.checked(eval_examples)
     files = {path: sha for read in sets.values() for path, sha in read.files.items()}
-    return TrainingSets(train, eval_examples, count, count // workers, files, sets["train"].files)
+    return TrainingSets(train, eval_examples, sizes, files, sets["train"].files)
 
 
 def held_out_dialog(eval_examples: ray.data.Dataset) -> list[dict]:

@@ -29,7 +29,7 @@ from latentqa.config import ConfigError, LatentQAConfig, TrainConfig
 from latentqa.layout import Batch, collate
 from latentqa.models import DECODER
 from latentqa.strategy import Strategy, StrategyConfig
-from latentqa.training import StepPlan, TrainProgress, example_length, length_grouped_order
+from latentqa.training import ExampleSize, StepPlan, TrainProgress, length_grouped_order, sort_window, split_to
 
 from . import raydata, tracking
 from .files import publish_folder, write_whole
@@ -62,6 +62,7 @@ class WorkerPlan(BaseModel):
             "train set": self.config.data.train.model_dump(mode="json"),
             "workers": self.ray.num_workers,
             "batch size": train.batch_size,
+            "batch tokens": train.batch_tokens,
             "gradient accumulation": train.grad_accum,
             "seed": train.seed,
         }
@@ -100,12 +101,19 @@ def trainer(
     )
 
 
-def shard_batches(train: TrainConfig, pad_id: int, device) -> Callable[[int, int], Iterator[Batch]]:
-    """`epoch_batches(epoch, skip)` over this worker's shard of the laid-out train set: windows of
-    64 batches, each cut into batches of similar length (less padding) in a seeded order; with
-    ordered splits the same order again on resume, so `skip` batches are exactly those done."""
+def shard_batches(
+    train: TrainConfig, pad_id: int, device, agree: Callable[[int], int]
+) -> Callable[[int, int], Iterator[Batch]]:
+    """`epoch_batches(epoch, skip)` over this worker's shard of the laid-out train set: windows
+    (`sort_window`), each cut into batches of similar length (less padding) in a seeded order; with
+    ordered splits the same order again on resume, so `skip` batches are exactly those done.
+
+    Token-budget batches of different examples need not come to the same count, and data-parallel
+    ranks must run the same number of steps: every window's count is agreed on (`agree`: the
+    largest over ranks, a collective every rank calls once a window) and reached by halving the
+    costliest batches (`split_to`)."""
     shard = ray.train.get_dataset_shard("train")
-    window = 64 * train.batch_size
+    window = sort_window(train)
 
     def epoch_batches(epoch: int, skip: int) -> Iterator[Batch]:
         windows = shard.iter_batches(
@@ -117,8 +125,11 @@ def shard_batches(train: TrainConfig, pad_id: int, device) -> Callable[[int, int
         index = 0
         for number, table in enumerate(windows):
             examples = raydata.laid_out_examples(table)
-            lengths = [example_length(e) for e in examples]
-            for indices in length_grouped_order(lengths, train.batch_size, seed=f"{train.seed}/{epoch}/{number}"):
+            sizes = [ExampleSize.of(e) for e in examples]
+            order = length_grouped_order(sizes, train, seed=f"{train.seed}/{epoch}/{number}")
+            if train.batch_tokens is not None:
+                order = split_to(order, sizes, agree(len(order)))
+            for indices in order:
                 if index >= skip:
                     yield collate([examples[i] for i in indices], pad_id).to(device)
                 index += 1

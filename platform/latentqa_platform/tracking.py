@@ -273,14 +273,23 @@ def register_adapter(run: RunRef, adapter_dir: Path, config_file: Path, name: st
 
 
 def register_shipped_decoder(settings: MlflowSettings, output_dir: Path, config: LatentQAConfig) -> str:
-    """Register a decoder shipped with the project (`config.model.decoder_adapter`, e.g. the one
-    `infra/configs/smollm2-135m-instruct.yaml` names) on first use; later calls find that version
-    by the hash of its weights. Returns `name/version`."""
+    """Register the decoder shipped with the project that `config.model.decoder_adapter` names
+    (e.g. `infra/configs/smollm2-135m-instruct.yaml`'s) on first use; returns `name/version`."""
     adapter = Path(config.model.decoder_adapter)
+    return register_shipped(
+        settings, output_dir, adapter, config, decoder_model_name(settings, config), decoder_tags(config)
+    )
+
+
+def register_shipped(
+    settings: MlflowSettings, output_dir: Path, adapter: Path, config: LatentQAConfig, name: str, tags: dict[str, str]
+) -> str:
+    """Register an adapter folder shipped with the project (a decoder, a control), trained with
+    `config`, as a version of model `name` on first use; later calls find that version by the
+    hash of its weights. Returns `name/version`."""
     digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
     from mlflow.tracking import MlflowClient
 
-    name = decoder_model_name(settings, config)
     client = MlflowClient(tracking_uri(settings, output_dir))
     for version in client.search_model_versions(f"name='{name}'"):
         if version.tags.get("adapter_sha256") == digest:
@@ -296,7 +305,7 @@ def register_shipped_decoder(settings: MlflowSettings, output_dir: Path, config:
         config_file = Path(tmp) / "config.json"
         config_file.write_text(config.model_dump_json(indent=2))
         registered = register_adapter(
-            run, adapter, config_file, name, {**decoder_tags(config), "adapter_sha256": digest, "source": "shipped"}
+            run, adapter, config_file, name, {**tags, "adapter_sha256": digest, "source": "shipped"}
         )
     finish_run(run)
     return registered
