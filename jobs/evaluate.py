@@ -71,10 +71,11 @@ def steering_task(
     train_prompts, held = ServeSettings().read_prompts()
     evaluation = SteeringEvaluation(lqa, ControlFile.model_validate_json(control_json), held[:heldout])
     rows = evaluation.baselines(train_prompts)
-    with tempfile.TemporaryDirectory() as tmp:
-        lqa.model.adapters.load_frozen(fetch_adapter(control_uri, tracking_uri, Path(tmp)).folder, CONTROL)
+    with tempfile.TemporaryDirectory() as fetched:
+        lqa.model.adapters.load_frozen(fetch_adapter(control_uri, tracking_uri, Path(fetched)).folder, CONTROL)
         rows.append(evaluation.steered())
-        result = evaluation.result(rows)
+    result = evaluation.result(rows)
+    with tempfile.TemporaryDirectory() as tmp:
         report = {path.name: path.read_bytes() for path in result.write(tmp).iterdir()}
     return result.as_metrics(STEERING), report
 
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError("give both --steering CONTROL_FILE and --control ADAPTER to evaluate a control, or neither")
     if args.steering is None and config.data.eval is None:
         raise ConfigError("data.eval: no held-out set configured")
+    if args.heldout < 1:
+        raise ConfigError(f"--heldout {args.heldout}: measure on at least 1 held-out prompt")
     control = None
     if args.steering:
         from latentqa.steering import load_control  # the steering engine (torch): only for a control

@@ -30,7 +30,7 @@ from latentqa.config import LatentQAConfig
 from latentqa.data import DEFAULT_QUESTIONS
 from latentqa.paths import OFFLINE_MODEL
 from latentqa.showcase import after_the_offline_default
-from latentqa.training import StepPlan, batches_per_epoch, strategy_config
+from latentqa.training import StepPlan, ranks_batches_per_epoch, strategy_config
 from latentqa_platform import batchjobs, console, raydata, raytrain, tracking
 from latentqa_platform.batchjobs import parse, run_main
 from latentqa_platform.settings import MlflowSettings
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     # 2. data
     batchjobs.connect(args, settings, run_dir / "console.log")
     sets = raydata.training_sets(config, settings.ray.num_workers)
-    steps = StepPlan.of(batches_per_epoch(sets.train_sizes, train, settings.ray.num_workers), train)
+    batches = ranks_batches_per_epoch(sets.train_sizes, train, settings.ray.num_workers)
+    steps = StepPlan.of([batches] * train.epochs, train)
     batch, estimated = f"batch {train.batch_size}", ""
     if train.batch_tokens:  # how many batches a window cuts into depends on Ray's split: counted on a likely one
         batch, estimated = f"batches of <= {train.batch_tokens} tokens", " (estimated)"

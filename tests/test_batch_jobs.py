@@ -209,13 +209,16 @@ def test_evaluate_job_logs_to_the_decoders_run(ray_cluster, decoder):
 
 
 def test_evaluate_job_measures_a_control_beside_its_baselines(ray_cluster, decoder, offline_session, tmp_path, capsys):
-    """`--steering FILE --control ADAPTER`: the steering evaluation on a worker, logged to MLflow
-    (a control folder gets a run of its own); the two flags come together or not at all."""
+    """`--steering FILE --control models:/...`: the steering evaluation on a worker, logged to the
+    run that registered the control; the two flags come together or not at all."""
     from mlflow.tracking import MlflowClient
 
     from latentqa.data import read_prompt_set
     from latentqa.paths import STEER_PROMPTS
     from latentqa.steering import load_control, steer
+    from latentqa_platform import tracking
+    from latentqa_platform.adapters import KIND_TAG
+    from latentqa_platform.settings import MlflowSettings
 
     control_file = CONTROLS_DIR / "veganism.json"
     adapter = tmp_path / "control"
@@ -223,23 +226,29 @@ def test_evaluate_job_measures_a_control_beside_its_baselines(ray_cluster, decod
     cfg = offline_session.config.steer.model_copy(update={"steps": 2})
     steer(offline_session, load_control(control_file).qa, prompts[:4], adapter, cfg)
     offline_session.model.adapters.remove_control()
+    mlflow = MlflowSettings(**decoder.mlflow_settings())
+    registered = tracking.register_shipped(
+        mlflow, decoder.root, adapter, offline_session.config, "latentqa-control-evaluated", {KIND_TAG: "control"}
+    )
 
-    args = ("--decoder", decoder.registry_uri, "--steering", str(control_file), "--control", str(adapter))
+    args = ("--decoder", decoder.registry_uri, "--steering", str(control_file), "--control", f"models:/{registered}")
     proc = submit(ray_cluster, decoder, "evaluate.py", *args, "--heldout", "3")
     assert proc.returncode == 0, tail(proc)
     result = json.loads([line for line in proc.stdout.splitlines() if line.startswith('{"target/')][0])
     run_id = proc.stdout.split("mlflow: logged to run ")[1].split()[0]
     client = MlflowClient(decoder.tracking_uri)
+    [version] = client.search_model_versions("name='latentqa-control-evaluated'")
+    assert run_id == version.run_id
     metrics = client.get_run(run_id).data.metrics
     for condition in ("target", "prompted", "vector-x1", "steered"):
         assert metrics[f"steering/{condition}/behaviour_rate"] == pytest.approx(result[f"{condition}/behaviour_rate"])
         assert metrics[f"steering/{condition}/perplexity_ratio"] > 0
-    assert {a.path for a in client.list_artifacts(run_id, "evaluation")} == {
-        "evaluation/steering.json",
-        "evaluation/steering.md",
-        "evaluation/steering.png",
+    [folder] = [a.path for a in client.list_artifacts(run_id, "evaluation")]  # evaluation/<model>-<id>
+    assert {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run_id, folder)} == {
+        "steering.json",
+        "steering.md",
+        "steering.png",
     }
-    assert client.get_run(run_id).info.status == "FINISHED"
 
     job = import_job("evaluate")
     assert job.run_main(lambda: job.main(["--decoder", decoder.registry_uri, "--steering", str(control_file)])) == 2

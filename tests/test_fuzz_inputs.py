@@ -266,7 +266,7 @@ def assert_names_key(err: Exception, key: str) -> None:
 
 def assert_usable(config) -> None:
     """What a job computes from an accepted config before training works (runs at least a step)."""
-    plan = StepPlan.of(1, config.train)
+    plan = StepPlan.of([1] * config.train.epochs, config.train)
     assert plan.steps_per_epoch >= 1 and plan.total_steps >= 1, config.train
     strategy_config(config, "ddp")
     if config.data.train.path == OFFLINE_TRAIN:  # the spec's cut of the offline set

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from latentqa.config import TrainConfig
+from latentqa.paths import OFFLINE_TRAIN
 from latentqa.training import (
     ExampleSize,
     StepPlan,
-    batches_per_epoch,
     length_grouped_order,
     padded_tokens,
+    ranks_batches_per_epoch,
     sort_window,
     split_to,
 )
@@ -85,15 +86,26 @@ def test_split_to_halves_the_costliest_batches_until_ranks_agree():
         split_to(batches, sizes, 61)
 
 
-def test_the_step_plan_counts_budget_batches():
-    sizes = _sizes(1000)
+def test_the_step_plan_counts_every_epoch_and_estimates_ranks_windows():
     budget = TrainConfig(batch_size=8, batch_tokens=2400, epochs=2, grad_accum=2)
-    one_rank = batches_per_epoch(sizes, budget)
-    assert one_rank == len(length_grouped_order(sizes, budget, budget.seed))  # exact for one process
-    assert StepPlan.of(one_rank, budget).total_steps == 2 * -(-one_rank // 2)
-    two_ranks = batches_per_epoch(sizes, budget, ranks=2)
-    assert one_rank / 2 <= two_ranks <= one_rank / 2 * 1.2
-    assert batches_per_epoch(sizes, TrainConfig(batch_size=8), ranks=2) == 63  # 500 examples a rank
+    plan = StepPlan.of([9, 10], budget)  # epochs of 9 and 10 micro-batches, 2 a step
+    assert (plan.steps_per_epoch, plan.total_steps) == (5, 10)
+    assert StepPlan.of([9, 10], budget.model_copy(update={"max_steps": 3})).total_steps == 3
+    # Ray's workers cut their own windows, whose examples Ray's split draws: whichever deal it
+    # makes, the epoch's agreed count (each window's largest) is within a few batches of the estimate.
+    sizes, ranks = _sizes(6000), 2
+    estimate = ranks_batches_per_epoch(sizes, budget, ranks)
+    window, per_rank = sort_window(budget), len(sizes) // ranks
+    for deal in range(3):
+        order = list(range(len(sizes)))
+        random.Random(f"ray-{deal}").shuffle(order)
+        shards = [order[r * per_rank : (r + 1) * per_rank] for r in range(ranks)]
+        agreed = sum(
+            max(len(length_grouped_order([sizes[i] for i in s[w : w + window]], budget, deal)) for s in shards)
+            for w in range(0, per_rank, window)
+        )
+        assert abs(agreed - estimate) <= 0.02 * estimate, (agreed, estimate)
+    assert ranks_batches_per_epoch(sizes, TrainConfig(batch_size=8), ranks) == 375  # exact without a budget
 
 
 def test_an_example_loses_the_same_in_any_batch(offline_session):
@@ -132,15 +144,15 @@ def _examples(lqa):
     return examples[:24]
 
 
-def test_a_resume_is_refused_when_the_token_budget_changed():
+def test_the_resume_check_covers_the_token_budget_and_the_mix():
     from latentqa.config import load_config
     from latentqa.training import strategy_config
     from latentqa_platform.raytrain import WorkerPlan
     from latentqa_platform.settings import RaySettings
 
-    def plan(**train) -> WorkerPlan:
-        config = load_config(overrides={"train": train})
-        steps = StepPlan.of(10, config.train)
+    def plan(data: dict | None = None, **train) -> WorkerPlan:
+        config = load_config(overrides={"train": train, **({"data": data} if data else {})})
+        steps = StepPlan.of([10], config.train)
         return WorkerPlan(
             config=config,
             strategy=strategy_config(config, "ddp"),
@@ -152,3 +164,8 @@ def test_a_resume_is_refused_when_the_token_budget_changed():
 
     before, after = plan().data_order(), plan(batch_tokens=560).data_order()
     assert [key for key in after if after[key] != before[key]] == ["batch tokens"]
+    # A training mix is part of the order (absent without one: older checkpoints still resume).
+    source = {"kind": "yes_no", "path": str(OFFLINE_TRAIN / "system.json"), "examples": 8}
+    mixed = plan(data={"mix": [source]}).data_order()
+    assert "mix" not in before and mixed["mix"][0]["examples"] == 8
+    assert plan(data={"mix": [{**source, "examples": 9}]}).data_order()["mix"] != mixed["mix"]

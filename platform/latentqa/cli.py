@@ -69,7 +69,6 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
         StepPlan,
         TrainProgress,
         adamw_factory,
-        batches_per_epoch,
         cosine_with_warmup,
         fit,
         length_grouped_order,
@@ -87,11 +86,15 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> None:
     lqa = _load(config, train_decoder=True)
     laid = lqa.lay_out(train_examples, "train")
     sizes = [ExampleSize.of(e) for e in laid]
-    plan = StepPlan.of(batches_per_epoch(sizes, train_cfg), train_cfg)
+
+    def epoch_order(epoch: int) -> list[list[int]]:
+        return length_grouped_order(sizes, train_cfg, train_cfg.seed + epoch)
+
+    plan = StepPlan.of([len(epoch_order(epoch)) for epoch in range(train_cfg.epochs)], train_cfg)
     total = plan.total_steps
 
     def epoch_batches(epoch: int, skip: int):
-        for indices in length_grouped_order(sizes, train_cfg, train_cfg.seed + epoch)[skip:]:
+        for indices in epoch_order(epoch)[skip:]:
             yield lqa.collate([laid[i] for i in indices])
 
     strategy = Strategy.create(strategy_config(config, "local"))

@@ -135,7 +135,8 @@ class TrainConfig(StrictModel):
     batch_tokens: int | None = Field(None, ge=1)
     """Token budget per micro-batch: batches of similar length grow while their padded tokens
     (examples x (longest read dialog + longest decoder prompt)) stay within it, so short examples
-    come many to a batch and long ones few; null: batch_size examples per batch."""
+    come many to a batch and long ones few (each batch's mean loss still counts alike, so label
+    tokens, not examples, weigh about evenly); null: batch_size examples per batch."""
     grad_accum: int = Field(1, ge=1)
     """Micro-batches per optimizer step."""
     warmup_steps: int = Field(10, ge=0)

@@ -218,10 +218,10 @@ def load_qa(path: str | Path) -> dict[str, list[QAPair]]:
 
 @dataclass(frozen=True)
 class ContextSpan:
-    """Where a context-prediction example (`latentqa.mixes`) reads and what it answers: `span`
-    tokens of the record's rendered read dialog, starting at `position` (a fraction of the places
-    where span and answer fit), and the `answer` tokens just `direction` of them (at most: a short
-    dialog cuts both)."""
+    """What a context-prediction example (`latentqa.mixes`) answers and reads: `answer` tokens of
+    the record's rendered read dialog, inside one message's content, at `position` (a fraction of
+    the places where they fit), and the `span` tokens just after them ("before": the decoder says
+    what came before the span) or just before them ("after"); a short dialog cuts both."""
 
     position: float
     span: int
@@ -230,9 +230,10 @@ class ContextSpan:
 
     @property
     def question(self) -> str:
+        tokens = "token" if self.answer == 1 else f"{self.answer} tokens"
         if self.direction == "before":
-            return f"Can you predict the previous {self.answer} tokens that came before this?"
-        return f"Can you predict the next {self.answer} tokens that come after this?"
+            return f"Can you predict the previous {tokens} that came before this?"
+        return f"Can you predict the next {tokens} that come after this?"
 
 
 @dataclass(frozen=True)

@@ -164,7 +164,10 @@ class Layout:
             read = self.read_side(read_dialog(example.record, self.thought_tokens))
             question, answer = example.question, example.answer
         else:
-            read, question, answer = self.context_side(example.record, example.context)
+            try:
+                read, question, answer = self.context_side(example.record, example.context)
+            except LayoutError as err:
+                raise LayoutError(f"{_where(example, index)}: {err}") from None
         n = read.patched_span[1] - read.patched_span[0]
         write = self.write_side(n, question, answer if mode != "generate" else None, mode)
         self._check_length(read, write, example, index)
@@ -172,40 +175,50 @@ class Layout:
 
     def context_side(self, record: Record, context: ContextSpan) -> tuple[ReadSide, str, str]:
         """A context-prediction example's read side, question and answer: the record's read
-        dialog rendered and tokenised whole, read over `context.span` tokens (cut to fit), and the
-        text of the `context.answer` tokens just before or after them. The read stops at the
-        span's end; the tokens before the span are its masked (verb) span."""
+        dialog rendered and tokenised whole; the answer is `context.answer` tokens inside one
+        message's content (never a turn's markup, which the decoder could only say as text), and
+        the read span the `context.span` tokens just after them (direction "before") or just before
+        them ("after"), both cut to fit. The read stops at the span's end; the tokens before the
+        span are its masked (verb) span."""
         fmt = self.chat_format
         dialog = read_dialog(record, self.thought_tokens)
         rendered = fmt.render(
             dialog.messages, add_generation_prompt=dialog.add_generation_prompt, thinking=self.thought_tokens
         )
-        bounds, pieces = fmt.tokenize(rendered, [len(fmt.bos_text)])
-        first = _token_index(bounds, pieces)[len(fmt.bos_text)]
-        ids = [t for piece in pieces for t in piece]
-        tokens = len(ids) - first
-        if tokens < 2:
-            raise LayoutError(f"label {record.label!r}: {tokens} token(s), too short to predict context from")
-        k = min(context.span, tokens - 1)
-        n = min(context.answer, tokens - k)
+        bos_end = len(fmt.bos_text)
+        bounds, pieces = fmt.tokenize(rendered, [bos_end, *(b for span in rendered.content_spans for b in span)])
+        at = _token_index(bounds, pieces)
+        ids, first = [t for piece in pieces for t in piece], at[bos_end]
+        contents = [(at[a], at[b]) for a, b in rendered.content_spans]
+        n = min(context.answer, max(b - a for a, b in contents))
         before = context.direction == "before"
-        low, high = (first + n, len(ids) - k) if before else (first, len(ids) - k - n)
-        start = min(high, low + int(context.position * (high - low + 1)))
-        answer_ids = ids[start - n : start] if before else ids[start + k : start + k + n]
-        answer = fmt.tokenizer.decode(answer_ids, skip_special_tokens=True)
-        if not answer.strip():  # only a turn's markup: say it as it is
-            answer = fmt.tokenizer.decode(answer_ids)
+        # answer starts whose n tokens lie in one content, with at least one token to read beside them
+        starts = [p for a, b in contents for p in range(a, b - n + 1) if (p + n < len(ids) if before else p > first)]
+        if not starts:
+            raise LayoutError(f"label {record.label!r}: no message content to predict context from")
+        answer_at = starts[min(len(starts) - 1, int(context.position * len(starts)))]
+        if before:
+            start = answer_at + n
+            k = min(context.span, len(ids) - start)
+        else:
+            k = min(context.span, answer_at - first)
+            start = answer_at - k
+        answer = fmt.tokenizer.decode(ids[answer_at : answer_at + n])
         question = dataclasses.replace(context, span=k, answer=n).question
         return ReadSide(ids[: start + k], (first, start), (start, start + k)), question, answer
 
     def _check_length(self, read: ReadSide, write: WriteSide, example: Example, index: int | None) -> None:
         longest = max(len(read.ids), len(write.ids))
         if self.max_length is not None and longest > self.max_length:
-            where = f"{example.source or 'input'}" + (f": example {index}" if index is not None else "")
             raise LayoutError(
-                f"{where} (label {example.record.label!r}): {longest} tokens exceed the model's limit of "
-                f"{self.max_length}"
+                f"{_where(example, index)} (label {example.record.label!r}): {longest} tokens exceed the "
+                f"model's limit of {self.max_length}"
             )
+
+
+def _where(example: Example, index: int | None) -> str:
+    """Where an example came from, for errors: its file (and record, for a mix source's) and its index."""
+    return f"{example.source or 'input'}" + (f": example {index}" if index is not None else "")
 
 
 @dataclass

@@ -84,7 +84,7 @@ def examples_of_records(records: list[Record], source: MixSource, path: str) -> 
 
 
 def yes_no_examples(records: list[Record], source: MixSource, path: str) -> list[Example]:
-    """`source.examples` yes/no examples, exactly half "Yes": each a record with a system prompt,
+    """`source.examples` yes/no examples, half "Yes" (one more for an odd count): each a record with a system prompt,
     asked about its own system prompt (Yes) or another record's of the same label kind (No)."""
     for index, record in enumerate(records):
         if not record.system:
@@ -101,13 +101,14 @@ def yes_no_examples(records: list[Record], source: MixSource, path: str) -> list
     rng = random.Random(source.seed)
     examples = []
     for i in range(source.examples):
-        record = records[rng.randrange(len(records))]
+        index = rng.randrange(len(records))
+        record = records[index]
         if i % 2 == 0:
             description, answer = record.system, YES
         else:
             description = rng.choice([s for s in by_kind[_kind(record)] if s != record.system])
             answer = NO
-        examples.append(Example(record, yes_no_question(description), answer, path))
+        examples.append(Example(record, yes_no_question(description), answer, f"{path}: record {index}"))
     rng.shuffle(examples)
     return examples
 
@@ -119,14 +120,14 @@ def context_examples(records: list[Record], source: MixSource, path: str) -> lis
     rng = random.Random(source.seed)
     examples = []
     for _ in range(source.examples):
-        record = records[rng.randrange(len(records))]
+        index = rng.randrange(len(records))
         span = ContextSpan(
             position=rng.random(),
             span=rng.randint(*source.span_tokens),
             answer=rng.randint(*source.answer_tokens),
             direction=rng.choice(["before", "after"]),
         )
-        examples.append(Example(record, "", "", path, span))  # the layout asks and answers
+        examples.append(Example(records[index], "", "", f"{path}: record {index}", span))  # the layout asks, answers
     return examples
 
 

@@ -185,30 +185,33 @@ def batch_tokens(batch: Batch) -> int:
 class StepPlan:
     """How many optimizer steps a run takes: an epoch is every example of a rank once."""
 
-    steps_per_epoch: int
+    steps_per_epoch: int  # the first epoch's (with a token budget, epochs may differ by a step or two)
     total_steps: int
 
     @classmethod
-    def of(cls, batches_per_epoch: int, train: TrainConfig) -> StepPlan:
-        per_epoch = -(-batches_per_epoch // train.grad_accum)
-        return cls(per_epoch, train.max_steps or per_epoch * train.epochs)
+    def of(cls, epoch_batches: Sequence[int], train: TrainConfig) -> StepPlan:
+        """From each epoch's micro-batch count."""
+        steps = [-(-batches // train.grad_accum) for batches in epoch_batches]
+        return cls(steps[0], train.max_steps or sum(steps))
 
 
-def batches_per_epoch(sizes: Sequence[ExampleSize], train: TrainConfig, ranks: int = 1) -> int:
-    """Micro-batches a rank runs in an epoch of these examples (each rank an equal share). With a
-    token budget the count depends on which examples meet in a window: exact for `latentqa train`'s
-    first epoch (one process, `length_grouped_order` over all of them); for Ray Train's workers,
-    whose windows Ray's split and local shuffle draw, an estimate: shards dealt by a seeded
-    shuffle, the largest one's count (ranks agree on the largest, `split_to`)."""
+def ranks_batches_per_epoch(sizes: Sequence[ExampleSize], train: TrainConfig, ranks: int) -> int:
+    """Micro-batches each of `ranks` data-parallel ranks runs in an epoch, each cutting its own
+    equal share in windows (Ray Train's workers). Without a budget, exact. With one, the count
+    depends on which examples meet in a window, which Ray's split and shuffle draw: an estimate,
+    from shards dealt here by a seeded shuffle, each window counted as its largest share (ranks
+    agree on the largest, `split_to`)."""
     per_rank = len(sizes) // ranks
     if train.batch_tokens is None:
         return -(-per_rank // train.batch_size)
-    shards = [sizes]
-    if ranks > 1:
-        order = list(range(len(sizes)))
-        random.Random(train.seed).shuffle(order)
-        shards = [[sizes[i] for i in order[r * per_rank : (r + 1) * per_rank]] for r in range(ranks)]
-    return max(len(length_grouped_order(shard, train, train.seed)) for shard in shards)
+    order = list(range(len(sizes)))
+    random.Random(train.seed).shuffle(order)
+    shards = [order[r * per_rank : (r + 1) * per_rank] for r in range(ranks)]
+    window = sort_window(train)
+    return sum(
+        max(len(length_grouped_order([sizes[i] for i in shard[w : w + window]], train, w)) for shard in shards)
+        for w in range(0, per_rank, window)
+    )
 
 
 @dataclass

@@ -56,9 +56,10 @@ class WorkerPlan(BaseModel):
     def data_order(self) -> dict:
         """What fixes the order of the batches: a resume skips the batches done, so it must be
         the same order, or it would train on some examples twice and never on others."""
-        train = self.config.train
-        return {
-            "train files": {Path(p).name: digest for p, digest in sorted(self.train_files.items())},
+        train, mix = self.config.train, self.config.data.mix
+        sources = {str(source.path) for source in mix}  # a source may share a QA set file's name
+        order = {
+            "train files": {Path(p).name: d for p, d in sorted(self.train_files.items()) if p not in sources},
             "train set": self.config.data.train.model_dump(mode="json"),
             "workers": self.ray.num_workers,
             "batch size": train.batch_size,
@@ -66,6 +67,9 @@ class WorkerPlan(BaseModel):
             "gradient accumulation": train.grad_accum,
             "seed": train.seed,
         }
+        if mix:  # absent without one, so checkpoints from before mixes still resume
+            order["mix"] = [{**s.model_dump(mode="json"), "sha256": self.train_files.get(str(s.path))} for s in mix]
+        return order
 
 
 def trainer(
