@@ -1,6 +1,6 @@
 """The LatentQA Ray Serve application: read, score and control over HTTP.
 
-    serve run serve.app:build_app auth=none      # offline default; decoder: the latest under runs/
+    serve run serve.app:build_app auth=none      # the latest decoder under runs/, else the shipped SmolLM2 one
     serve run serve.app:build_app settings=my_settings.yaml
     serve deploy serve/config.yaml               # replicas, autoscaling and settings from the file
 
@@ -27,26 +27,27 @@ from serve.steering import Steering
 def build_app(args: dict) -> serve.Application:
     """The application for `serve run serve.app:build_app key=value` and `serve deploy`: `args`
     are `ServeSettings` fields; `settings=FILE.yaml` reads them from a file first. Without
-    `decoders`, the engine config's `model.decoder_adapter` is served (with the controls shipped for
-    it, `infra/controls/<decoder>/`, unless `controls` is given), else the latest under runs/."""
+    `decoders`, what `served_by_default` picks. A start that cannot serve exits in one line that
+    says what to do (`cannot serve: ...`), with no traceback."""
     import yaml
+    from pydantic import ValidationError
 
-    from latentqa.decoders import registry_reference
+    from latentqa.config import ConfigError, validation_message
     from latentqa.model_files import WrongTarget, check_target
     from latentqa.models import load_model_config
-    from latentqa.paths import latest_decoder
 
     args = dict(args)
     if "settings" in args:
         args = {**yaml.safe_load(Path(args.pop("settings")).read_text()), **args}
-    model = ServeSettings.model_validate(args).engine_config().model
-    if not args.get("decoders"):  # the config's own decoder (e.g. a shipped one), else the latest trained
-        named = model.decoder_adapter and (registry_reference(model.decoder_adapter) or model.decoder_adapter)
-        args["decoders"] = {Path(named).name: named} if named else {"latest": str(latest_decoder())}
-        if named and "controls" not in args:  # and the controls shipped with that decoder, as chat models
-            args["controls"] = shipped_controls(Path(named).name)
-    settings = ServeSettings.model_validate(args)
-    target = load_model_config(model)
+    try:
+        if not args.get("decoders"):
+            args.update(served_by_default(args))
+        settings = ServeSettings.model_validate(args)
+        target = load_model_config(settings.engine_config().model)
+    except ValidationError as err:
+        raise SystemExit(f"cannot serve: {validation_message('serve.app:build_app', err)}") from None
+    except (ConfigError, OSError) as err:
+        raise SystemExit(f"cannot serve: {err}") from None
     for folder in settings.decoders.values():  # a wrong base fails here in one line, not in the replicas
         if Path(folder).is_dir():
             try:
@@ -54,6 +55,37 @@ def build_app(args: dict) -> serve.Application:
             except WrongTarget as err:
                 raise SystemExit(f"cannot serve: {err}") from None
     return application(settings)
+
+
+def served_by_default(args: dict, runs: Path | None = None) -> dict[str, object]:
+    """The settings a start without `decoders` adds: the engine config's own decoder (e.g. a shipped
+    one, with the controls shipped for it as chat models unless `controls` is given); else the latest
+    decoder trained under `runs/`; else, when no config is named, the shipped SmolLM2 decoder and its
+    target (`infra/configs/smollm2-135m-instruct.yaml`, prepared by infra/setup.sh), said in one line."""
+    from latentqa.config import load_config
+    from latentqa.decoders import registry_reference
+    from latentqa.paths import PROJECT_ROOT, RUNS_DIR, latest_decoder
+    from latentqa.showcase import SHIPPED_CONFIG
+
+    model = ServeSettings.model_validate(args).engine_config().model
+    named = model.decoder_adapter and (registry_reference(model.decoder_adapter) or model.decoder_adapter)
+    if named:
+        controls = {} if "controls" in args else {"controls": shipped_controls(Path(named).name)}
+        return {"decoders": {Path(named).name: named}, **controls}
+    runs = runs or RUNS_DIR
+    try:
+        return {"decoders": {"latest": str(latest_decoder(runs))}}
+    except FileNotFoundError:
+        pass
+    shipped = SHIPPED_CONFIG.relative_to(PROJECT_ROOT)
+    if args.get("config") is None and Path(load_config(SHIPPED_CONFIG).model.path).exists():
+        print(f"no decoder trained under {runs}: serving the shipped SmolLM2 decoder (config={shipped})", flush=True)
+        return {"config": str(SHIPPED_CONFIG), **served_by_default({**args, "config": str(SHIPPED_CONFIG)}, runs)}
+    raise SystemExit(
+        f"cannot serve: no decoder trained under {runs}; train one (python jobs/train.py), serve the shipped "
+        f"one (serve run serve.app:build_app config={shipped}, after infra/setup.sh), or name one "
+        "(serve run serve.app:build_app settings=FILE.yaml, the file holding decoders: {NAME: DIR})"
+    )
 
 
 def shipped_controls(decoder_name: str) -> dict[str, str]:

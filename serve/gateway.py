@@ -73,6 +73,11 @@ def _error(request: Request, status: int, fields: list[tuple[list, str]]) -> JSO
 
 @api.exception_handler(RequestValidationError)
 async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+    sent = request.headers.get("content-type", "")
+    if "json" not in sent and any(tuple(e["loc"]) == ("body",) for e in err.errors()):
+        # FastAPI reads a body sent as anything else as text, and says "Input should be a valid dictionary"
+        what = f"Content-Type {sent}" if sent else "no Content-Type"
+        return _error(request, 422, [(["body"], f"send a JSON object with Content-Type: application/json ({what})")])
     return _error(request, 422, [(list(e["loc"]), e["msg"]) for e in err.errors()])
 
 
@@ -84,7 +89,7 @@ async def _http_error(request: Request, err: StarletteHTTPException) -> JSONResp
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, err: RequestError) -> JSONResponse:
-    response = _error(request, err.status, [(["body", *err.field.split(".")], err.message)])
+    response = _error(request, err.status, [([err.place, *err.field.split(".")], err.message)])
     if isinstance(err, (Overloaded, Unavailable)):
         response.headers["Retry-After"] = str(err.retry_after_s)
         log.warning("%s %s: %s: %s", err.status, request.url.path, err.field, err.message)
@@ -348,5 +353,5 @@ class Gateway:
         """Status and progress of a control job; when it succeeded, `adapter` is the chat `model`."""
         status = await asyncio.to_thread(controls.job_status, self.settings.tracking_uri(), job_id)
         if status is None:
-            raise UnknownAdapter("job_id", f"no control job {job_id!r}")
+            raise UnknownAdapter("job_id", f"no control job {job_id!r}", place="path")
         return ControlJob(**status)

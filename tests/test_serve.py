@@ -264,6 +264,22 @@ def test_bad_requests_get_4xx_naming_the_field(client, path, body, status, field
     assert field in out.json()["message"], out.text
 
 
+def test_messages_name_the_real_place_and_the_fix(client):
+    """A body not sent as JSON, a non-finite number, a path parameter: each named where it is."""
+    text = client.post("/v1/read", content=json.dumps({"dialogs": [DIALOG], "questions": ["Q?"]}))
+    assert text.status_code == 422 and "Content-Type: application/json" in text.json()["message"], text.text
+    plain = client.post("/v1/read", content=b"hello", headers={"Content-Type": "text/plain"})
+    assert "(Content-Type text/plain)" in plain.json()["message"], plain.text
+    nan = client.post(
+        "/v1/chat/completions",
+        content=b'{"model": "target", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert nan.status_code == 422 and "body.temperature: Input should be a finite number" in nan.json()["message"]
+    unknown = client.get("/v1/controls/" + "0" * 32)
+    assert unknown.status_code == 404 and unknown.json()["message"].startswith("path.job_id: no control job")
+
+
 def test_every_answer_carries_a_request_id_and_errors_name_it(app, client):
     """The id of Serve's proxy (or the client's own), in the header and in every error's body: the
     server log has the details under it."""
@@ -855,3 +871,31 @@ def test_the_api_docs_render_with_no_network_beyond_the_app(app):
             ) from err
         assert "LatentQA" in page.locator(".swagger-ui .info .title").inner_text()
     assert elsewhere == []
+
+
+def test_a_fresh_checkout_serves_the_shipped_smollm2_decoder_or_says_what_to_do(tmp_path, capsys):
+    """No decoder trained under runs/: the shipped SmolLM2 decoder, its target and its controls,
+    said in one line; with a config named that has no decoder, one line naming the fixes."""
+    from latentqa.config import load_config
+    from latentqa.showcase import SHIPPED_CONFIG
+    from serve.app import build_app, served_by_default
+
+    if Path(load_config(SHIPPED_CONFIG).model.path).exists():  # prepared by infra/setup.sh
+        chosen = served_by_default({"auth": "none"}, runs=tmp_path)
+        assert chosen["config"] == str(SHIPPED_CONFIG)
+        assert list(chosen["decoders"]) == ["smollm2-135m-instruct"] and "pirate" in chosen["controls"]
+        said = capsys.readouterr().out
+        assert said == (
+            f"no decoder trained under {tmp_path}: serving the shipped SmolLM2 decoder "
+            "(config=infra/configs/smollm2-135m-instruct.yaml)\n"
+        )
+    tiny = tmp_path / "tiny.yaml"
+    tiny.write_text("patch: {read_layer: 1}\n")
+    with pytest.raises(SystemExit) as refused:
+        served_by_default({"config": str(tiny)}, runs=tmp_path)
+    message = str(refused.value)
+    assert message.startswith(f"cannot serve: no decoder trained under {tmp_path}; train one") and "\n" not in message
+    assert "serve run serve.app:build_app config=infra/configs/smollm2-135m-instruct.yaml" in message
+    with pytest.raises(SystemExit) as refused:  # a bad setting: one line naming it, no traceback
+        build_app({"auth": "sometimes", "decoders": {"x": str(tmp_path)}})
+    assert str(refused.value).startswith("cannot serve: serve.app:build_app: auth") and "\n" not in str(refused.value)

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, StringConstraints, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from latentqa.config import LatentQAConfig, StrictModel, load_config
 from latentqa.data import read_prompt_set
@@ -143,16 +143,17 @@ class ServeSettings(StrictModel):
 
 
 class RequestError(ValueError):
-    """A request the server cannot serve; `field` is the body path it blames (422 or 404)."""
+    """A request the server cannot serve; `field` is the path it blames (422 or 404) in the body,
+    or (`place="path"`) in the URL's path parameters."""
 
     status = 422
 
-    def __init__(self, field: str, message: str):
+    def __init__(self, field: str, message: str, place: Literal["body", "path"] = "body"):
         super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
+        self.field, self.message, self.place = field, message, place
 
     def __reduce__(self):  # crosses Ray process boundaries intact
-        return (type(self), (self.field, self.message))
+        return (type(self), (self.field, self.message, self.place))
 
 
 class UnknownAdapter(RequestError):
@@ -285,6 +286,8 @@ class LayerMapResponse(BaseModel):
 class ChatRequest(BaseModel):
     """The OpenAI chat-completions request; fields this server does not use are accepted and
     ignored (clients send them), but unsupported values of the ones below are rejected."""
+
+    model_config = ConfigDict(allow_inf_nan=False)  # a NaN temperature is "not a finite number"
 
     model: str = Field(max_length=200, description="the target's name, or a control adapter")
     messages: Dialog
