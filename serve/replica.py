@@ -226,14 +226,24 @@ class ModelReplica:
                 f"{generated}; a read may generate at most {budget}",
             )
         longest = max(questions, key=self._tokens)
-        for d, span in enumerate(spans):
-            prompt = len(self.lqa.layout.write_side(span, longest, None, "generate").ids)
+        prompts = [len(self.lqa.layout.write_side(span, longest, None, "generate").ids) for span in spans]
+        for d, prompt in enumerate(prompts):
             if prompt + max_new_tokens > self._context:
                 raise RequestError(
                     f"dialogs.{d}",
                     f"the decoder's prompt ({prompt} tokens) and {max_new_tokens} new tokens exceed the target's "
                     f"context of {self._context}",
                 )
+        # every answer prefills its own decoder prompt: bounded as the generated tokens are (the
+        # longest question's prompt stands for each dialog's, an upper bound)
+        prefilled = sum(prompts) * len(questions) * layers
+        if prefilled > self.settings.max_prefill_tokens:
+            at_layers = f" × {layers} layers" if layers > 1 else ""
+            raise RequestError(
+                "questions",
+                f"{len(dialogs)} dialogs × {len(questions)} questions{at_layers} make up to {prefilled} decoder "
+                f"prompt tokens; a read may prefill at most {self.settings.max_prefill_tokens}",
+            )
 
     def _check_score(
         self,

@@ -59,6 +59,7 @@ def app(ray_cluster, decoder):
         max_dialog_tokens=160,
         max_generated_tokens=2000,
         max_scored_tokens=1200,
+        max_prefill_tokens=4000,
         max_body_bytes=200_000,
         # a random tiny target repeats itself whatever steers it: the fluency bounds are for real models
         overrides=["--steer.max_repeated_trigrams", "null", "--steer.max_perplexity_ratio", "null"],
@@ -246,8 +247,14 @@ def test_score_ranks_candidates_best_first(client):
         ("/v1/controls", {"name": "Bad Name!", "qa": [["q", "a"]]}, 422, "body.name"),
         ("/v1/controls", {"name": "x", "qa": [["q", "a"]], "instruction": "Be a pirate."}, 422, "body"),
         ("/v1/controls", {"name": "x", "qa": [["q", "a"]], "steps": 10_000}, 422, "body.steps"),
-        # work budgets in tokens (the fixture's: turn 64, dialog 160, read 2000 generated, score 1200)
+        # work budgets in tokens (the fixture's: turn 64, dialog 160, read 2000 generated and 4000 prefilled, score 1200)
         ("/v1/read", {"dialogs": [DIALOG] * 4, "questions": ["Q?"] * 4, "max_new_tokens": 200}, 422, "at most 2000"),
+        (
+            "/v1/read",
+            {"dialogs": [DIALOG] * 16, "questions": ["Q?"] * 16, "max_new_tokens": 1},
+            422,
+            "prefill at most 4000",
+        ),
         ("/v1/read", {"dialogs": [LONG_DIALOG], "questions": ["Q?"]}, 422, "body.dialogs.0: "),
         ("/v1/read", {"dialogs": [DIALOG], "questions": ["Q?", WORDS * 2]}, 422, "body.questions.1"),
         ("/v1/score", {"dialog": DIALOG, "question": WORDS * 2, "candidates": ["a"]}, 422, "body.question"),

@@ -90,6 +90,9 @@ class ServeSettings(StrictModel):
     """Tokens one /v1/read may generate: dialogs × questions × max_new_tokens."""
     max_scored_tokens: int = Field(32768, ge=1)
     """Tokens one /v1/score runs the decoder over: its prompt and one candidate, for every candidate."""
+    max_prefill_tokens: int = Field(65536, ge=1)
+    """Decoder prompt tokens one /v1/read (or layer map) prefills: a prompt for every dialog ×
+    question (× layer), each the dialog's read span of placeholders and the question."""
     max_queued_requests: int = Field(64, ge=1)
     """Requests waiting for a gateway or a model replica (per caller, as Serve counts them); past
     it the answer is 503 with Retry-After."""
