@@ -17,6 +17,7 @@ from typing import Any
 
 from ray import serve
 
+from latentqa.model_files import WrongTarget
 from latentqa_platform import console
 from latentqa_platform.adapters import AdapterCatalog, SharedAdapters
 from latentqa_platform.batching import Batcher
@@ -152,7 +153,12 @@ class ModelReplica:
             fetched = await asyncio.to_thread(self.catalogs[kind].fetch, adapter_id, Path(tmp))
             read_layer = self._read_layer(fetched) if kind == "decoder" else 0
             peft_name = f"a{uuid.uuid4().hex[:12]}"
-            await self._run(self.adapters.load, fetched.folder, peft_name)
+            try:  # checked before anything is added to the base
+                await self._run(self.adapters.load, fetched.folder, peft_name)
+            except WrongTarget as err:  # the client's choice of adapter, named without the server's folder
+                field, name = ("decoder", "decoder") if kind == "decoder" else ("model", "control")
+                message = f"this {name} was trained on {err.trained}, but this server's target is {err.loaded}"
+                raise RequestError(field, message) from None
         return ServedAdapter(self, peft_name, read_layer)
 
     @contextlib.asynccontextmanager

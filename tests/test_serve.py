@@ -906,3 +906,27 @@ def test_a_fresh_checkout_serves_the_shipped_smollm2_decoder_or_says_what_to_do(
     with pytest.raises(SystemExit) as refused:  # a bad setting: one line naming it, no traceback
         build_app({"auth": "sometimes", "decoders": {"x": str(tmp_path)}})
     assert str(refused.value).startswith("cannot serve: serve.app:build_app: auth") and "\n" not in str(refused.value)
+
+
+def test_a_registered_decoder_of_another_target_is_a_4xx_not_a_500(client, decoder, tmp_path):
+    """Refused before anything is added to the replica's base, named without the server's folder."""
+    import shutil
+
+    from latentqa.config import load_config
+    from latentqa.model_files import TARGET_FILE
+    from latentqa_platform import tracking
+    from latentqa_platform.settings import MlflowSettings
+
+    other = shutil.copytree(decoder.folder, tmp_path / "decoder")
+    identity = {"name": "SmolLM2-135M-Instruct", "model_type": "llama", "num_hidden_layers": 30}
+    (other / TARGET_FILE).write_text(json.dumps({**identity, "hidden_size": 576, "vocab_size": 49152}))
+    settings = MlflowSettings(**decoder.mlflow_settings())
+    registered = tracking.register_shipped(settings, decoder.root, other, load_config(), "other-target", {})
+    out = client.post("/v1/read", json={"dialogs": [DIALOG], "questions": ["Q?"], "decoder": registered})
+    assert out.status_code == 422, out.text
+    message = out.json()["message"]
+    assert message.startswith("body.decoder: this decoder was trained on SmolLM2-135M-Instruct (llama, 30 blocks")
+    assert str(tmp_path) not in message and "/tmp" not in message
+    again = client.post("/v1/read", json={"dialogs": [DIALOG], "questions": ["Q?"], "decoder": registered})
+    assert again.status_code == 422  # nothing was left half-mounted
+    assert client.post("/v1/read", json={"dialogs": [DIALOG], "questions": ["Q?"]}).status_code == 200

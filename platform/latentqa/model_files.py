@@ -168,7 +168,12 @@ _IDENTITY_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "vocab_siz
 
 
 class WrongTarget(ValueError):
-    """An adapter trained on another target model than the one loaded."""
+    """An adapter trained on another target model than the one loaded; `trained` and `loaded`
+    describe the two (for a message that names the adapter otherwise than by its folder)."""
+
+    def __init__(self, message: str, trained: str = "", loaded: str = ""):
+        super().__init__(message)
+        self.trained, self.loaded = trained, loaded
 
 
 def target_identity(model_config) -> dict:
@@ -192,9 +197,12 @@ def check_target(adapter_dir: str | Path, model_config) -> None:
         return
     recorded, current = json.loads(recorded_file.read_text()), target_identity(model_config)
     if any(recorded.get(field) != current[field] for field in _IDENTITY_FIELDS):
+        trained, loaded = _describe(recorded), _describe(current)
         raise WrongTarget(
-            f"adapter {adapter_dir} was trained on {_describe(recorded)}, but the target loaded is "
-            f"{_describe(current)}: load it with its own model (model.path, or the --config it was trained with)"
+            f"adapter {adapter_dir} was trained on {trained}, but the target loaded is {loaded}: load it with "
+            "its own model (model.path, or the --config it was trained with)",
+            trained,
+            loaded,
         )
 
 
