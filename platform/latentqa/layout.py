@@ -83,11 +83,15 @@ class Layout:
             self.max_length = limit if limit and limit < 10**9 else None
 
     # ----- read side -------------------------------------------------------------------
-    def read_side(self, dialog: ReadDialog) -> ReadSide:
-        fmt = self.chat_format
-        rendered = fmt.render(
+    def _rendered(self, dialog: ReadDialog):
+        """The read dialog as the target's template renders it (thinking as the layout is set)."""
+        return self.chat_format.render(
             dialog.messages, add_generation_prompt=dialog.add_generation_prompt, thinking=self.thought_tokens
         )
+
+    def read_side(self, dialog: ReadDialog) -> ReadSide:
+        fmt = self.chat_format
+        rendered = self._rendered(dialog)
         bos_end = len(fmt.bos_text)
         verb_start = verb_end = bos_end
         if dialog.verb == "system":
@@ -181,10 +185,7 @@ class Layout:
         them ("after"), both cut to fit. The read stops at the span's end; the tokens before the
         span are its masked (verb) span."""
         fmt = self.chat_format
-        dialog = read_dialog(record, self.thought_tokens)
-        rendered = fmt.render(
-            dialog.messages, add_generation_prompt=dialog.add_generation_prompt, thinking=self.thought_tokens
-        )
+        rendered = self._rendered(read_dialog(record, self.thought_tokens))
         bos_end = len(fmt.bos_text)
         bounds, pieces = fmt.tokenize(rendered, [bos_end, *(b for span in rendered.content_spans for b in span)])
         at = _token_index(bounds, pieces)
